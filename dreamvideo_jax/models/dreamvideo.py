@@ -1,0 +1,48 @@
+"""DreamVideo: primary 3D U-Net + Image Retention branch + reference-image conv block.
+
+`DreamVideo(...)(latents, timesteps, context, image)` -> the U-Net's prediction for `latents`
+`(B, F, h, w, C)`. `image` is the reference image `(B, H, W, 3)` in [-1, 1] (or its latent `(B, h, w, C)` when
+`retention.image_input == 'latent'`); a dropped image condition is all zeros. Parameter tree:
+`{'unet': ..., 'retention': ..., 'image_conv': ...}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dreamvideo_jax.models.retention import ImageConv, ImageRetention, RetentionConfig
+from dreamvideo_jax.models.unet3d import UNet3D, UNetConfig
+
+
+class DreamVideo(nn.Module):
+    unet_config: UNetConfig
+    retention_config: RetentionConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        rm = dict(remat=self.remat, remat_policy=self.remat_policy)
+        self.unet = UNet3D(self.unet_config, **kw, **rm)
+        self.retention = ImageRetention(self.unet_config, self.retention_config.conditioning_scale, **kw, **rm)
+        self.image_conv = ImageConv(self.retention_config, self.unet_config.block_out_channels[0], **kw)
+
+    def __call__(self, latents, timesteps, context, image, train: bool = False):
+        features = self.image_conv(image)
+        if features.shape[1:3] != latents.shape[2:4]:
+            raise ValueError(
+                f"reference image of shape {tuple(image.shape)} gives image_conv features of spatial size "
+                f"{tuple(features.shape[1:3])}, but the latents are {tuple(latents.shape[2:4])}: the image must be "
+                f"{self.retention_config.image_downsample_factor}x the latent size for image_input="
+                f"{self.retention_config.image_input!r}")
+        down, mid = self.retention(latents, timesteps, context, features, train=train)
+        return self.unet(latents, timesteps, context, down, mid, train=train)
+
+    def unet_only(self, latents, timesteps, context, train: bool = False):
+        """The primary U-Net alone (text-to-video base, no retention branch)."""
+        return self.unet(latents, timesteps, context, train=train)
