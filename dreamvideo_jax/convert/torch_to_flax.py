@@ -30,7 +30,8 @@ def flax_path(key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _to_flax(arr: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+def _to_flax(arr, leaf: str, target_ndim: int):
+    """Layout change torch -> flax for one tensor (works on numpy arrays)."""
     if leaf != "kernel":
         return arr
     if arr.ndim == 3 and target_ndim == 2 and arr.shape[-1] == 1:  # Conv1d(k=1) used as a Linear
@@ -40,6 +41,65 @@ def _to_flax(arr: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
     if arr.ndim >= 3:  # ConvNd (O, I, *k) -> (*k, I, O)
         return np.transpose(arr, tuple(range(2, arr.ndim)) + (1, 0))
     return arr
+
+
+def _flax_shape(shape: tuple, leaf: str, target_ndim: int) -> tuple:
+    if leaf != "kernel":
+        return tuple(shape)
+    if len(shape) == 3 and target_ndim == 2 and shape[-1] == 1:
+        shape = shape[:2]
+    if len(shape) == 2:
+        return (shape[1], shape[0])
+    if len(shape) >= 3:
+        return tuple(shape[2:]) + (shape[1], shape[0])
+    return tuple(shape)
+
+
+def plan_conversion(
+    source_shapes: Mapping[str, tuple],
+    target_shapes: Mapping,
+    *,
+    what: str = "checkpoint",
+    ignore: Optional[Callable[[str], bool]] = None,
+) -> dict[str, tuple[str, ...]]:
+    """Maps every source key to its target path, checking names and shapes only (nothing is loaded).
+
+    Raises `ConversionError` listing missing keys, unexpected keys, shape mismatches and double fills.
+    """
+    flat_target = traverse_util.flatten_dict(dict(target_shapes))
+    plan: dict[str, tuple[str, ...]] = {}
+    unexpected, mismatched, duplicated = [], [], []
+    seen: set[tuple] = set()
+    for key, shape in source_shapes.items():
+        if ignore is not None and ignore(key):
+            continue
+        path = flax_path(key)
+        base, leaf = path[:-1], path[-1]
+        names = {"weight": ("kernel", "scale", "embedding"), "gamma": ("scale",), "beta": ("bias",)}.get(leaf, (leaf,))
+        hits = [base + (n,) for n in names if base + (n,) in flat_target]
+        if len(hits) != 1:
+            unexpected.append(key)
+            continue
+        dst = hits[0]
+        if dst in seen:
+            duplicated.append(f"{key} -> {'/'.join(dst)}")
+            continue
+        seen.add(dst)
+        want = tuple(flat_target[dst].shape)
+        got = _flax_shape(tuple(shape), dst[-1], len(want))
+        if got != want:
+            mismatched.append(f"{key}: source {tuple(shape)} -> {got}, expected {'/'.join(dst)} {want}")
+            continue
+        plan[key] = dst
+    missing = sorted("/".join(p) for p in flat_target if p not in seen)
+    if unexpected or mismatched or missing or duplicated:
+        lines = [f"{what}: state dict does not match the architecture"]
+        for title, items in (("missing (not in the checkpoint)", missing), ("unexpected (not in the model)", unexpected),
+                             ("shape mismatch", mismatched), ("filled twice", duplicated)):
+            if items:
+                lines.append(f"  {title} [{len(items)}]: " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+        raise ConversionError("\n".join(lines))
+    return plan
 
 
 def convert_state_dict(
@@ -57,43 +117,12 @@ def convert_state_dict(
       what: a name for the source, used in error messages (e.g. the file path).
       ignore: source keys for which this returns True are dropped on purpose (e.g. unused text layers).
     """
+    plan = plan_conversion({k: tuple(np.shape(v)) for k, v in state.items()}, target_shapes, what=what, ignore=ignore)
     flat_target = traverse_util.flatten_dict(dict(target_shapes))
-    out: dict[tuple, np.ndarray] = {}
-    unexpected, mismatched, duplicated = [], [], []
-    seen: set[tuple] = set()
-    for key, arr in state.items():
-        if ignore is not None and ignore(key):
-            continue
-        path = flax_path(key)
-        base, leaf = path[:-1], path[-1]
-        names = {"weight": ("kernel", "scale", "embedding"), "gamma": ("scale",), "beta": ("bias",)}.get(leaf, (leaf,))
-        hits = [base + (n,) for n in names if base + (n,) in flat_target]
-        if len(hits) != 1:
-            unexpected.append(key)
-            continue
-        dst = hits[0]
-        arr = np.asarray(arr)
+    out = {}
+    for key, dst in plan.items():
+        arr = np.asarray(state[key])
         if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
             arr = arr.astype(np.float32)
-        want = tuple(flat_target[dst].shape)
-        conv = _to_flax(arr, dst[-1], len(want))
-        if dst in seen:
-            duplicated.append(f"{key} -> {'/'.join(dst)}")
-            continue
-        seen.add(dst)
-        if tuple(conv.shape) != want:
-            mismatched.append(f"{key}: source {tuple(arr.shape)} -> {tuple(conv.shape)}, expected "
-                              f"{'/'.join(dst)} {want}")
-            continue
-        out[dst] = np.ascontiguousarray(conv)
-    missing = sorted("/".join(p) for p in flat_target if p not in seen)
-    if unexpected or mismatched or missing or duplicated:
-        lines = [f"{what}: state dict does not match the architecture"]
-        for title, items in (("missing (not in the checkpoint)", missing), ("unexpected (not in the model)", unexpected),
-                             ("shape mismatch", mismatched), ("filled twice", duplicated)):
-            if items:
-                shown = items[:50]
-                lines.append(f"  {title} [{len(items)}]: " + ", ".join(shown) + (" ..." if len(items) > 50 else ""))
-        raise ConversionError("\n".join(lines))
+        out[dst] = np.ascontiguousarray(_to_flax(arr, dst[-1], len(flat_target[dst].shape)))
     return traverse_util.unflatten_dict(out)
-

@@ -1,0 +1,33 @@
+"""Tiny DreamVideo for CPU tests: every network tiny, 4 frames at 16x16 pixels, real code paths (KL VAE, CLIP).
+
+  python -m dreamvideo_jax.train --config=configs/tiny.py --workdir=/tmp/dreamvideo_tiny
+"""
+
+import ml_collections
+
+from configs import modelscope_t2v
+
+
+def get_config(arg=None):
+    config = modelscope_t2v.get_config(arg)
+    config.num_frames = 4
+    config.height = 16
+    config.width = 16
+    m = config.model
+    m.unet.block_out_channels = (16, 32)
+    m.unet.down_block_types = ("CrossAttnDownBlock3D", "DownBlock3D")
+    m.unet.up_block_types = ("UpBlock3D", "CrossAttnUpBlock3D")
+    m.unet.layers_per_block = 1
+    m.unet.norm_num_groups = 8
+    m.unet.attention_head_dim = 8
+    m.unet.cross_attention_dim = 32
+    m.unet.transformer_in_heads = 2
+    m.retention.image_conv_channels = (8, 16)
+    m.text.width = 32
+    m.text.num_layers = 2
+    m.text.num_heads = 4
+    m.text.output_layer = 1
+    m.vae.block_out_channels = (16, 32)
+    m.vae.layers_per_block = 1
+    m.vae.norm_num_groups = 8
+    return config
