@@ -36,13 +36,16 @@ class BuildReport:
     written: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # per split
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # per reason
     converted: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # per conversion
+    skipped_by_split: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (split, reason)
     examples: list = dataclasses.field(default_factory=list)  # first few skipped items: (path, reason, message)
     max_examples: int = 50
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def skip(self, reason: str, path: str = "", message: str = "", n: int = 1) -> None:
+    def skip(self, reason: str, path: str = "", message: str = "", n: int = 1, split: str | None = None) -> None:
         with self._lock:
             self.skipped[reason] += n
+            if split is not None:
+                self.skipped_by_split[(split, reason)] += n
             if len(self.examples) < self.max_examples:
                 self.examples.append({"path": path, "reason": reason, "message": message[:300]})
 

@@ -202,7 +202,8 @@ def read_video(
                     break
             timed.close()
         except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem, not a program error
-            errors.append(f"{decoder.__name__[8:]}: {type(e).__name__}: {e}"[:300])
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            errors.append(f"{decoder.__name__[8:]}: {type(e).__name__}: {first_line}"[:300])
             if not frames:
                 continue
             notes.append("partial_decode")  # decoded part of the file before it broke: keep that part
