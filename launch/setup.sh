@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# Creates (or reuses) a virtualenv and installs the pinned requirements.
-# Usage: bash launch/setup.sh [VENV_DIR=.venv] [runtime|test]
+# Creates .venv (or $VENV) and installs the pinned requirements; does nothing when they are already installed.
+# Usage: bash launch/setup.sh [runtime|test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${1:-.venv}"
-kind="${2:-runtime}"
-python3 -m venv "$venv"
-. "$venv/bin/activate"
-python -m pip install -q --upgrade pip
-if [ "$kind" = test ]; then
-  python -m pip install -q -r requirements-test.txt
-else
-  python -m pip install -q -r requirements.txt
+kind="${1:-runtime}"
+venv="${VENV:-.venv}"
+case "$kind" in
+  runtime) reqs=(requirements.txt requirements-nodeps.txt) ;;
+  test) reqs=(requirements.txt requirements-test.txt requirements-nodeps.txt) ;;
+  *) echo "setup.sh: unknown kind '$kind' (use runtime or test)" >&2; exit 2 ;;
+esac
+stamp="$venv/.installed-$kind"
+want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
 fi
-python -m pip install -q --no-deps -r requirements-nodeps.txt
-python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, 'devices', jax.devices())"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip
+if [ "$kind" = test ]; then
+  "$venv/bin/python" -m pip install -q -r requirements-test.txt
+else
+  "$venv/bin/python" -m pip install -q -r requirements.txt
+fi
+"$venv/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
+"$venv/bin/python" -c "import jax, flax; print('installed: jax', jax.__version__, 'flax', flax.__version__)"
+echo "$want" > "$stamp"
