@@ -313,6 +313,10 @@ def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metad
 def _finish(ds: grain.IterDataset, workers: int, prefetch: int) -> grain.DatasetIterator:
     prefetch = max(1, prefetch)
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags in workers; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     else:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
