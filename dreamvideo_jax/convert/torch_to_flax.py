@@ -3,14 +3,14 @@
 Rule (diffusers/transformers naming): split the key on ".", join an index to the name before it
 (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/weight`), then map the leaf:
 `weight` -> `kernel` (Linear: transpose; Conv2d (O,I,kh,kw) -> (kh,kw,I,O); Conv3d (O,I,kt,kh,kw) ->
-(kt,kh,kw,I,O); Conv1d with k=1 -> squeezed Linear), `scale` (norms) or `embedding` (embeddings), whichever the
-target tree has. Every source tensor must be used exactly once and every target filled with the right shape;
+(kt,kh,kw,I,O); a Conv1d/Conv2d with a 1-sized kernel where the target is a Dense -> squeezed Linear), `scale`
+(norms) or `embedding` (embeddings), whichever the target tree has. Every source tensor must be used exactly once and every target filled with the right shape;
 otherwise `ConversionError` lists each missing key, unexpected key and shape mismatch by name.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from flax import traverse_util
@@ -34,8 +34,8 @@ def _to_flax(arr, leaf: str, target_ndim: int):
     """Layout change torch -> flax for one tensor (works on numpy arrays)."""
     if leaf != "kernel":
         return arr
-    if arr.ndim == 3 and target_ndim == 2 and arr.shape[-1] == 1:  # Conv1d(k=1) used as a Linear
-        arr = arr[..., 0]
+    if arr.ndim >= 3 and target_ndim == 2 and all(k == 1 for k in arr.shape[2:]):  # 1x1 conv used as a Linear
+        arr = arr.reshape(arr.shape[:2])
     if arr.ndim == 2:
         return arr.T
     if arr.ndim >= 3:  # ConvNd (O, I, *k) -> (*k, I, O)
@@ -46,7 +46,7 @@ def _to_flax(arr, leaf: str, target_ndim: int):
 def _flax_shape(shape: tuple, leaf: str, target_ndim: int) -> tuple:
     if leaf != "kernel":
         return tuple(shape)
-    if len(shape) == 3 and target_ndim == 2 and shape[-1] == 1:
+    if len(shape) >= 3 and target_ndim == 2 and all(k == 1 for k in shape[2:]):
         shape = shape[:2]
     if len(shape) == 2:
         return (shape[1], shape[0])
@@ -61,11 +61,14 @@ def plan_conversion(
     *,
     what: str = "checkpoint",
     ignore: Optional[Callable[[str], bool]] = None,
+    display: Optional[Callable[[str], str]] = None,
 ) -> dict[str, tuple[str, ...]]:
     """Maps every source key to its target path, checking names and shapes only (nothing is loaded).
 
     Raises `ConversionError` listing missing keys, unexpected keys, shape mismatches and double fills.
+    `display(key)` is how a source key is named in that message (e.g. with its name before a renaming).
     """
+    show = display or (lambda k: k)
     flat_target = traverse_util.flatten_dict(dict(target_shapes))
     plan: dict[str, tuple[str, ...]] = {}
     unexpected, mismatched, duplicated = [], [], []
@@ -78,17 +81,17 @@ def plan_conversion(
         names = {"weight": ("kernel", "scale", "embedding"), "gamma": ("scale",), "beta": ("bias",)}.get(leaf, (leaf,))
         hits = [base + (n,) for n in names if base + (n,) in flat_target]
         if len(hits) != 1:
-            unexpected.append(key)
+            unexpected.append(show(key))
             continue
         dst = hits[0]
         if dst in seen:
-            duplicated.append(f"{key} -> {'/'.join(dst)}")
+            duplicated.append(f"{show(key)} -> {'/'.join(dst)}")
             continue
         seen.add(dst)
         want = tuple(flat_target[dst].shape)
         got = _flax_shape(tuple(shape), dst[-1], len(want))
         if got != want:
-            mismatched.append(f"{key}: source {tuple(shape)} -> {got}, expected {'/'.join(dst)} {want}")
+            mismatched.append(f"{show(key)}: source {tuple(shape)} -> {got}, expected {'/'.join(dst)} {want}")
             continue
         plan[key] = dst
     missing = sorted("/".join(p) for p in flat_target if p not in seen)
@@ -117,12 +120,36 @@ def convert_state_dict(
       what: a name for the source, used in error messages (e.g. the file path).
       ignore: source keys for which this returns True are dropped on purpose (e.g. unused text layers).
     """
-    plan = plan_conversion({k: tuple(np.shape(v)) for k, v in state.items()}, target_shapes, what=what, ignore=ignore)
+    return convert_lazy({k: tuple(np.shape(v)) for k, v in state.items()}, lambda k: state[k], target_shapes,
+                        what=what, ignore=ignore)
+
+
+def to_float32(arr) -> np.ndarray:
+    """Floating arrays (float16/bfloat16/float64) as float32 numpy; integer arrays unchanged."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def convert_lazy(
+    source_shapes: Mapping[str, tuple],
+    load: Callable[[str], Any],
+    target_shapes: Mapping,
+    *,
+    what: str = "checkpoint",
+    ignore: Optional[Callable[[str], bool]] = None,
+    display: Optional[Callable[[str], str]] = None,
+    put: Optional[Callable[[np.ndarray], Any]] = None,
+) -> dict:
+    """`convert_state_dict` for checkpoints too large to hold twice: names and shapes are checked first
+    (`plan_conversion`, nothing loaded), then each tensor is loaded with `load(key)`, converted, and handed to
+    `put` (e.g. a cast + device transfer) before the next one is read.
+    """
+    plan = plan_conversion(source_shapes, target_shapes, what=what, ignore=ignore, display=display)
     flat_target = traverse_util.flatten_dict(dict(target_shapes))
     out = {}
     for key, dst in plan.items():
-        arr = np.asarray(state[key])
-        if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
-            arr = arr.astype(np.float32)
-        out[dst] = np.ascontiguousarray(_to_flax(arr, dst[-1], len(flat_target[dst].shape)))
+        arr = np.ascontiguousarray(_to_flax(to_float32(load(key)), dst[-1], len(flat_target[dst].shape)))
+        out[dst] = arr if put is None else put(arr)
     return traverse_util.unflatten_dict(out)
