@@ -246,7 +246,8 @@ def ddim_step(
     x_t = x_t.astype(jnp.float32)
     alpha_t, sigma_t = _scales_at(schedule, t, False)
     alpha_p, sigma_p = _scales_at(schedule, t_prev, set_alpha_to_one)
-    x0, eps = _convert(_expand(alpha_t, x_t), _expand(sigma_t, x_t), x_t, model_output.astype(jnp.float32), prediction_type)
+    out = model_output.astype(jnp.float32)
+    x0, eps = _convert(_expand(alpha_t, x_t), _expand(sigma_t, x_t), x_t, out, prediction_type)
     # sigma_t(eta) of DDIM eq. 16, written with the stored (precise) noise scales.
     var = (sigma_p / sigma_t) ** 2 * (1.0 - (alpha_t / alpha_p) ** 2)
     std = jnp.asarray(eta, jnp.float32) * jnp.sqrt(var)
@@ -298,7 +299,8 @@ def dpmpp_2m_step(
     alpha_s, sigma_s = _scales_at(schedule, t, False, amin)
     alpha_p, sigma_p = _scales_at(schedule, t_prev, set_alpha_to_one, amin)
     alpha_l, sigma_l = _scales_at(schedule, t_last, False, amin)
-    x0, _ = _convert(_expand(alpha_s, x_t), _expand(sigma_s, x_t), x_t, model_output.astype(jnp.float32), prediction_type)
+    out = model_output.astype(jnp.float32)
+    x0, _ = _convert(_expand(alpha_s, x_t), _expand(sigma_s, x_t), x_t, out, prediction_type)
     rho_s, rho_p, rho_l = sigma_s / alpha_s, sigma_p / alpha_p, sigma_l / alpha_l
     ratio = rho_p / rho_s  # exp(-h); 0 when stepping to clean data
     second_order = jnp.asarray(second_order, bool)

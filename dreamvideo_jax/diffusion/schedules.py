@@ -108,6 +108,31 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def make_betas(
+    kind: ScheduleKind = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    rescale_zero_terminal_snr: bool = False,
+) -> np.ndarray:
+    """The float64 betas behind :func:`make_schedule` (host-side numpy; same arguments).
+
+    Useful where float32 is not enough, e.g. as a high-precision oracle: ``1 - abar`` near ``t = 0``
+    keeps only ~2 significant digits in float32.
+    """
+    if kind == "linear":
+        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    elif kind == "squaredcos_cap_v2":
+        betas = _cosine_betas(num_train_timesteps)
+    else:
+        raise ValueError(f"Unknown schedule kind {kind!r}; expected 'scaled_linear', 'linear' or 'squaredcos_cap_v2'.")
+    if rescale_zero_terminal_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
 def make_schedule(
     kind: ScheduleKind = "scaled_linear",
     num_train_timesteps: int = 1000,
@@ -132,16 +157,7 @@ def make_schedule(
     Returns:
         The schedule, float32 tables computed in float64.
     """
-    if kind == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    elif kind == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    elif kind == "squaredcos_cap_v2":
-        betas = _cosine_betas(num_train_timesteps)
-    else:
-        raise ValueError(f"Unknown schedule kind {kind!r}; expected 'scaled_linear', 'linear' or 'squaredcos_cap_v2'.")
-    if rescale_zero_terminal_snr:
-        betas = _rescale_zero_terminal_snr(betas)
+    betas = make_betas(kind, num_train_timesteps, beta_start, beta_end, rescale_zero_terminal_snr)
     abar = np.cumprod(1.0 - betas)
     f32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.float32))  # noqa: E731
     return NoiseSchedule(
