@@ -273,7 +273,8 @@ def dpmpp_2m_step(
 ) -> tuple[jax.Array, jax.Array]:
     """One DPM-Solver++(2M) update (Lu et al., 2022), as diffusers ``DPMSolverMultistepScheduler.step``.
 
-    With ``rho = sigma/alpha`` (so ``exp(-h) = rho_prev / rho_t``), the midpoint update is
+    With ``rho = sigma/alpha`` and primes marking the level stepped to (so ``exp(-h) = rho'/rho``), the
+    midpoint update is
     ``x' = (s'/s) x + alpha' (1 - rho'/rho) (D0 + D1/2)``, ``D0 = x0_hat``,
     ``D1 = (x0_hat - x0_last) h / h_last``; the first-order step (``D1 = 0``) is DDIM.
 
