@@ -8,7 +8,10 @@ Parameters of this size are never allocated in tests (they use `jax.eval_shape`)
 
 import ml_collections
 
+from dreamvideo_jax.data import config as data_config
 from dreamvideo_jax.models.build import model_defaults
+from dreamvideo_jax.parallel import mesh as mesh_lib
+from dreamvideo_jax.training import config as train_config
 
 
 def get_config(arg=None):
@@ -19,4 +22,21 @@ def get_config(arg=None):
     config.height = 256
     config.width = 256
     config.model = model_defaults()
+
+    # Training (dreamvideo_jax.training.config documents every key).
+    config.init_from = ""  # base checkpoint dir (converted ModelScope weights) or a training workdir
+    config.resume = ""  # a workdir or WORKDIR/checkpoints/<step> to resume when this workdir has no checkpoint
+    config.train = train_config.train_defaults()
+    config.diffusion = train_config.diffusion_defaults()
+    config.mesh = mesh_lib.mesh_defaults()
+    config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over every chip: the frozen base alone is ~8 GB in fp32
+    config.sharding = mesh_lib.sharding_defaults()
+
+    config.data = data_config.defaults()
+    config.data.dataset = "video_folder"  # e.g. WebVid built with `python -m dreamvideo_jax.data.build`
+    config.data.num_frames = config.get_ref("num_frames")
+    config.data.height = config.get_ref("height")
+    config.data.width = config.get_ref("width")
+    config.data.frame_stride = 4
+    config.data.worker_count = 8
     return config

@@ -30,4 +30,22 @@ def get_config(arg=None):
     m.vae.block_out_channels = (16, 32)
     m.vae.layers_per_block = 1
     m.vae.norm_num_groups = 8
+
+    t = config.train
+    t.num_steps = 100
+    t.batch_size = 8
+    t.learning_rate = 1e-3
+    t.warmup_steps = 10
+    t.ema_decay = 0.99
+    t.checkpoint_every = 50
+    t.log_every = 10
+    config.mesh.data, config.mesh.fsdp = -1, 1
+
+    d = config.data
+    d.dataset = "moving_shapes"  # built into data_dir on first use (about a second)
+    d.frame_stride = 1
+    d.worker_count = 0
+    d.build.size = 16
+    d.build.frames = 8
+    d.build.num_train, d.build.num_validation, d.build.num_test = 512, 64, 64
     return config

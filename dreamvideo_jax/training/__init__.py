@@ -1,0 +1,1 @@
+"""Training: train state, train step, loop, checkpoints, metrics."""
