@@ -313,6 +313,33 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+class TemporalConv(nn.Module):
+    """Conv3d with kernel (3,1,1) and zero padding (1,0,0) over frames of `(B, F, H, W, C)`.
+
+    Same parameters as `nn.Conv(kernel_size=(3, 1, 1))` (`kernel` (3,1,1,I,O), `bias`), computed as one matmul
+    over the three frame-shifted copies concatenated on channels: on XLA CPU this is ~1.5x faster forward and
+    ~2.5x faster forward+backward than the 3D convolution (WORKSPACE.md).
+    """
+
+    features: int
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        axes = (ax.KERNEL_SPACE,) * 3 + (ax.CONV_IN, ax.CONV_OUT)
+        init = zeros if self.zero_init else torch_default_init
+        kernel = self.param("kernel", _part(init, axes), (3, 1, 1, c, self.features), self.param_dtype)
+        bias = self.param("bias", _part(zeros, (ax.CONV_OUT,)), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        f = x.shape[1]
+        xp = jnp.pad(x, ((0, 0), (1, 1)) + ((0, 0),) * (x.ndim - 2))
+        shifted = jnp.concatenate([xp[:, 0:f], xp[:, 1:f + 1], xp[:, 2:f + 2]], axis=-1)
+        return shifted @ kernel.reshape(3 * c, self.features) + bias
+
+
 class TemporalConvLayer(nn.Module):
     """Four (GroupNorm -> SiLU -> [Dropout] -> Conv3d (3,1,1)) stages over frames, plus identity.
 
@@ -341,7 +368,7 @@ class TemporalConvLayer(nn.Module):
             if stage > 1:
                 y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
             name = "conv1_2" if stage == 1 else f"conv{stage}_3"
-            y = conv(c, (3, 1, 1), name, zero_init=stage == 4, **kw)(y)
+            y = TemporalConv(c, zero_init=stage == 4, name=name, **kw)(y)
         return (identity + y).reshape(bf, h, w, c)
 
 
