@@ -259,7 +259,7 @@ class MovingShapes(ArrayRecordBuilder):
             description=__doc__,
             features=f.FeaturesDict(
                 {
-                    "video": f.Tensor(shape=(c.frames, c.size, c.size, 3), dtype=np.uint8),
+                    "video": f.Tensor(shape=(c.frames, c.size, c.size, 3), dtype=np.uint8, encoding=f.Encoding.BYTES),
                     "caption": f.Text(),
                     "shape": f.Text(),
                     "colour": f.Text(),

@@ -2,8 +2,8 @@
 
 Training batches are dicts of numpy arrays, ``B_local = batch_size // process_count`` examples each:
 
-  video   float32 [B, F, H, W, 3] in [-1, 1]
-  image   float32 [B, H, W, 3]    = video[:, 0], the reference image
+  video   float32 [B, F, H, W, 3] in [-1, 1]  (uint8 in [0, 255] with ``data.as_uint8``)
+  image   float32 [B, H, W, 3]    = video[:, 0], the reference image (same dtype as video)
   tokens  int32   [B, max_length] CLIP ids (see :mod:`dreamvideo_jax.data.tokenizer` for the pad id)
   index   int64   [B]             record index in the split (debugging, provenance)
   caption bytes   [B]             only with ``with_captions=True``
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -256,7 +257,7 @@ class ClipTransform:
         if t < span:
             _count("short_clip", f"record {record.get('_index')}: {t} frames < {span} needed")
         clip = _resize_clip(video[idx], self.height, self.width, rng if (self.train and self.random_crop) else None)
-        clip = clip.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+        clip = np.ascontiguousarray(clip)  # uint8; converted to float once per batch (see `normalise_batch`)
         caption = _as_text(record.get("caption", ""))
         if self.train and self.random_caption and rng is not None and "captions" in record:
             options = [c for c in _as_text(record["captions"]).split("\n") if c]
@@ -264,7 +265,6 @@ class ClipTransform:
                 caption = options[int(rng.integers(len(options)))]
         out = {
             "video": clip,
-            "image": clip[0],
             "tokens": self.tokens(caption),
             "index": np.int64(record.get("_index", -1)),
         }
@@ -279,6 +279,23 @@ class ClipTransform:
                 out[k] = v.encode("utf-8") if isinstance(v, str) else v
             out["frame_indices"] = idx.astype(np.int32)
         return out
+
+
+def normalise_batch(batch: dict, as_uint8: bool = False) -> dict:
+    """Adds ``image`` (= frame 0) and maps uint8 ``video`` to float32 in [-1, 1] in one pass over the batch.
+
+    With ``as_uint8`` the frames stay uint8 in [0, 255] (4x less host memory and host→device transfer; the
+    model then applies ``x / 127.5 - 1`` on device).
+    """
+    video = batch["video"]
+    if not as_uint8:
+        out = np.empty(video.shape, np.float32)
+        np.multiply(video, np.float32(2.0 / 255.0), out=out, dtype=np.float32)
+        out -= np.float32(1.0)
+        video = out
+    batch["video"] = video
+    batch["image"] = np.ascontiguousarray(video[:, 0])
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,7 +369,8 @@ def make_train_dataset(
     ds = ds.repeat(None if epochs < 0 else epochs)
     ds = ds.random_map(_transform(data_cfg, tokenizer, True, with_captions, False), seed=seed + 7919 * process_index + 1)
     read = grain.ReadOptions(num_threads=max(1, int(data_cfg.get("read_threads", 2))), prefetch_buffer_size=2 * local)
-    return ds.to_iter_dataset(read).batch(local, drop_remainder=True)
+    ds = ds.to_iter_dataset(read).batch(local, drop_remainder=True)
+    return ds.map(functools.partial(normalise_batch, as_uint8=bool(data_cfg.get("as_uint8", False))))
 
 
 def make_train_iterator(
@@ -448,4 +466,5 @@ def make_eval_iterator(
     ds = grain.MapDataset.range(len(idx)).map(read)
     read_opts = grain.ReadOptions(num_threads=max(1, int(data_cfg.get("read_threads", 2))), prefetch_buffer_size=2 * local)
     ds = ds.to_iter_dataset(read_opts).batch(local, drop_remainder=True)
+    ds = ds.map(functools.partial(normalise_batch, as_uint8=bool(data_cfg.get("as_uint8", False))))
     return _finish(ds, 0, int(data_cfg.get("prefetch", 2)))  # threads: `read` keeps state

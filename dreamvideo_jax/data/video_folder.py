@@ -171,7 +171,7 @@ class VideoFolder(ArrayRecordBuilder):
         video = f.Tensor(
             shape=(None, c.height, c.width, 3),
             dtype=np.uint8,
-            encoding=f.Encoding.ZLIB if c.zlib else f.Encoding.NONE,
+            encoding=f.Encoding.ZLIB if c.zlib else f.Encoding.BYTES,
         )
         return tfds.core.DatasetInfo(
             builder=self,
