@@ -203,3 +203,22 @@ def test_build_command_contract(source, tmp_path):
     fail = _run_cli("--dataset=video_folder", f"--source_dir={bad}", f"--data_dir={tmp_path / 'out2'}", "--height=16", "--width=16")
     assert fail.returncode == 1 and "no record was written" in fail.stderr
     assert not (tmp_path / "out2" / "video_folder").exists() or not any((tmp_path / "out2" / "video_folder").rglob("*.array_record*"))
+
+
+def test_write_video_and_load_image_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    frames = rng.uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32)  # distinct frames (GIF merges repeats)
+    frames = np.kron(frames, np.ones((1, 4, 4, 1), np.float32))  # 32x32, smooth blocks survive h264
+    for ext in (".mp4", ".gif", ".npz"):
+        path = video_io.write_video(str(tmp_path / f"v{ext}"), frames, fps=8)
+        if ext == ".npz":
+            np.testing.assert_array_equal(np.load(path)["video"], video_io.to_uint8(frames))
+            continue
+        r = video_io.read_video(path)
+        assert r.error is None and r.frames.shape == (6, 32, 32, 3), ext
+        assert np.abs(r.frames.astype(float) - video_io.to_uint8(frames)).mean() < 12, ext
+    from PIL import Image
+
+    Image.fromarray(video_io.to_uint8(frames[0])).save(tmp_path / "img.png")
+    img = video_io.load_image(str(tmp_path / "img.png"), 16, 16)
+    assert img.shape == (16, 16, 3) and img.dtype == np.float32 and -1 <= img.min() and img.max() <= 1

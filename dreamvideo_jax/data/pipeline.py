@@ -115,7 +115,7 @@ def dataset_path(data_cfg) -> str:
 
             if not epath.Path(path, "dataset_info.json").exists():
                 log.info("building moving_shapes/%s into %s", name, data_dir)
-                build_lib.ensure_moving_shapes(data_dir, **opts)
+                build_lib.ensure_moving_shapes(data_dir, config_name=name, **opts)
         return find_dataset_dir(data_dir, "moving_shapes", name)
     return find_dataset_dir(data_dir, data_cfg.dataset, data_cfg.get("config_name", ""))
 
