@@ -69,25 +69,39 @@ def dummy_inputs(module: nn.Module) -> tuple:
 
 
 def target_shapes(module: nn.Module) -> dict:
-    """The module's parameter tree as shapes (`jax.ShapeDtypeStruct`), nothing allocated."""
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(module)))
-    return nn.meta.unbox(abstract)["params"]
+    """The module's parameter tree as shapes (`jax.ShapeDtypeStruct`), nothing allocated.
+
+    Parameter shapes depend only on the module class, its config and param_dtype, so they are cached by those.
+    """
+    key = (type(module), module.config, jnp.dtype(module.param_dtype).name)
+    if key not in _SHAPES:
+        abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(module)))
+        if len(_SHAPES) >= 16:
+            _SHAPES.pop(next(iter(_SHAPES)))
+        _SHAPES[key] = nn.meta.unbox(abstract)["params"]
+    return jax.tree.map(lambda x: x, _SHAPES[key])  # a fresh dict per call
+
+
+_SHAPES: dict = {}
 
 
 def _as_config(kind: str, config, where: str, output_layer: Optional[int]) -> ComponentConfig:
     want = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": TextConfig}[kind]
     if isinstance(config, want):
         return config
-    if isinstance(config, str):
-        folder = config if os.path.isdir(config) else os.path.dirname(config)
-        where = os.path.join(folder, "config.json") if os.path.isdir(config) else config
+    if isinstance(config, (str, os.PathLike)):
+        config = os.fspath(config)
         if os.path.isdir(config):
-            config = read_config(config)
+            where, config = os.path.join(config, "config.json"), read_config(config)
         else:
             if not os.path.isfile(config):
                 raise FileNotFoundError(f"{config}: no such config file")
-            with open(config) as f:
-                config = json.load(f)
+            where = config
+            try:
+                with open(config) as f:
+                    config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise TypeError(f"config must be a {want.__name__}, a config.json path or a dict; got {type(config).__name__}")
     if kind == "unet":
@@ -95,6 +109,23 @@ def _as_config(kind: str, config, where: str, output_layer: Optional[int]) -> Co
     if kind == "vae":
         return vae_config_from_diffusers(config, where)
     return text_config_from_transformers(config, where, output_layer)
+
+
+def _kind_of_config(config) -> Optional[str]:
+    for kind, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", TextConfig)):
+        if isinstance(config, cls):
+            return kind
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return None  # reported when the config is read
+    if isinstance(config, dict) and (config.get("_class_name") or config.get("model_type") or config.get("architectures")):
+        return component_kind(config, "config")
+    return None
 
 
 def _kind_from_keys(names) -> Optional[str]:
@@ -142,6 +173,8 @@ def convert_component(
     """`load_component` with the details (config, source file, layout, ignored keys); `dry_run` checks names
     and shapes only and loads no tensor."""
     path = os.fspath(path)
+    if kind is None and config is not None:
+        kind = _kind_of_config(config)
     path, kind, config = _resolve(path, kind, config, output_layer)
     weights: Weights = open_weights(path, variant=variant, allow_pickle=allow_pickle)
     try:

@@ -81,7 +81,8 @@ def modelscope_unet_key(key: str, layers_per_block: int) -> Optional[str]:
             return f"{name}.{'.'.join(parts[3:])}" if name and len(parts) > 3 else None
         block, layer = divmod(i - 1, per_level)
         if parts[2] == "op":
-            return f"down_blocks.{block}.downsamplers.0.conv.{rest2}" if layer == layers_per_block else None
+            tail = ".".join(parts[3:])
+            return f"down_blocks.{block}.downsamplers.0.conv.{tail}" if layer == layers_per_block and tail else None
         if len(parts) < 4 or layer >= layers_per_block:
             return None
         return _layer(parts[2], ".".join(parts[3:]), f"down_blocks.{block}", layer)

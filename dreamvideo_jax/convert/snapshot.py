@@ -69,9 +69,14 @@ def _tokenizer(src: Optional[str], out: str) -> str:
     if src is not None:
         load_tokenizer(src)  # raises FileNotFoundError naming what is missing
         shutil.copytree(src, out)
-        return os.path.abspath(src)
-    write_tokenizer_files(out)
-    return "CLIP BPE vocabulary of the installed open-clip-torch package"
+        where = os.path.abspath(src)
+    else:
+        write_tokenizer_files(out)
+        where = "CLIP BPE vocabulary of the installed open-clip-torch package"
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o777 & ~umask)  # the folder may come from a private temporary directory
+    return where
 
 
 def _describe(c: Component) -> dict:
