@@ -147,8 +147,9 @@ class _InMemory(Weights):
     """`Weights` over arrays already in memory (a pickle read with torch)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], files: list[str], describe: str):
-        super().__init__({k: ("", {"shape": a.shape, "dtype": str(a.dtype)}, 0) for k, a in arrays.items()},
-                         files, describe)
+        names = {np_name: st_name for st_name, (np_name, _) in _DTYPES.items()}
+        super().__init__({k: ("", {"shape": a.shape, "dtype": names.get(a.dtype.name, a.dtype.name)}, 0)
+                          for k, a in arrays.items()}, files, describe)
         self._arrays = arrays
 
     def __getitem__(self, key):
@@ -204,8 +205,13 @@ def _read_pickle(path: str) -> Weights:
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        v = v.detach()
-        arrays[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        v = v.detach().contiguous()
+        if v.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits, as ml_dtypes.bfloat16
+            import ml_dtypes
+
+            arrays[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            arrays[k] = v.numpy()
     return _InMemory(arrays, [path], path)
 
 
@@ -227,19 +233,18 @@ def find_weights(folder: str, variant: Optional[str] = None) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder")
     names = set(os.listdir(folder))
-    variants = [variant] if variant is not None else [None]
-    for v in variants:
-        for stem in SAFETENSORS_STEMS:
-            singles, indexes = _variant_names(stem, v)
-            for n in indexes + singles:
-                if n in names:
-                    return os.path.join(folder, n)
+    wanted = []
+    for stem in SAFETENSORS_STEMS:
+        singles, indexes = _variant_names(stem, variant)
+        wanted += indexes + singles
+    for n in wanted:
+        if n in names:
+            return os.path.join(folder, n)
     safetensors = sorted(n for n in names if n.endswith(".safetensors"))
     if variant is not None:
-        raise FileNotFoundError(f"{folder}: no '{variant}' weights (looked for "
-                                f"{', '.join(sum((sum(_variant_names(s, variant), []) for s in SAFETENSORS_STEMS), []))}); "
-                                f"safetensors present: {safetensors or 'none'}")
-    # Only variants present: take the one variant if unambiguous.
+        raise FileNotFoundError(f"{folder}: no '{variant}' weights (looked for {', '.join(wanted)}); "
+                                f"safetensors present: {', '.join(safetensors) or 'none'}")
+    # No full-precision weights: take the precision variant if there is exactly one.
     found = {}
     for n in names:
         for stem in SAFETENSORS_STEMS:
