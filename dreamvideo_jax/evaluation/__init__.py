@@ -7,6 +7,7 @@
 - :func:`ssim` / :func:`first_frame_ssim` -- SSIM as Wang et al. (= scikit-image with Gaussian weights) and FFF_SSIM.
 - :mod:`.clip` -- CLIP image/text embeddings converted from a transformers ``CLIPModel`` folder: FFF_CLIP and
   CLIP-SIM (:class:`~dreamvideo_jax.evaluation.clip.CLIPScorer`).
+- :mod:`.shapes` -- motion-direction accuracy, first-frame SSIM and identity retention for moving-shapes clips.
 
 Contract: ``frechet_video_distance(real, fake)`` takes two uint8 arrays ``(N, T, H, W, 3)`` and returns a float;
 ``ssim(a, b)`` takes two uint8 images ``(H, W, 3)``.
@@ -26,6 +27,8 @@ _LAZY = {
     "I3D": "i3d", "I3DFeatureExtractor": "i3d", "load_i3d_variables": "i3d", "kinetics400_labels": "i3d",
     "C3D": "c3d", "C3DClassifier": "c3d", "load_c3d_params": "c3d", "video_inception_score": "c3d",
     "CLIPModel": "clip", "CLIPScorer": "clip", "load_clip": "clip", "clip_preprocess": "clip",
+    "direction_accuracy": "shapes", "motion_direction": "shapes", "identity_retention": "shapes",
+    "shapes_metrics": "shapes",
 }  # fmt: skip
 
 
