@@ -1,0 +1,461 @@
+"""`train_and_evaluate(config, workdir)`: the training loop behind `python -m dreamvideo_jax.train`.
+
+Start-up order: this workdir's latest checkpoint -> `config.resume` (another workdir or one of its
+checkpoints) -> `config.init_from` (a base checkpoint of converted weights, or a training workdir) -> random
+init. A checkpoint that cannot be read is an error naming it (or, with `train.corrupt_checkpoint='fallback'`,
+a logged fall-back to the previous one); it never silently becomes a fresh start.
+
+Saving: every `train.checkpoint_every` steps, at the last step, and when the process is asked to stop (SIGTERM,
+or JAX's preemption notice on multi-process runs), after which the loop returns normally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from dreamvideo_jax.training import checkpoint as ck
+from dreamvideo_jax.training import config as tc
+from dreamvideo_jax.training import metrics as mt
+from dreamvideo_jax.training import state as st
+from dreamvideo_jax.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be created or written."""
+
+
+class IncompatibleConfigError(ValueError):
+    """The config's architecture differs from the one a checkpoint was written with."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # steps completed (the state's step)
+    start_step: int
+    preempted: bool
+    source: str  # where the run started from: 'workdir' | 'resume' | 'init_from' | 'scratch'
+    last_metrics: dict
+    compile_seconds: float | None
+    steps_per_second: float | None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionWatcher:
+    """True once the process should checkpoint and stop.
+
+    Single process: a SIGTERM handler sets a flag. Multi-process with JAX's preemption service (started by
+    `jax.distributed.initialize`): `reached_preemption_sync_point`, which makes every process agree on the step.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        self._sync = False
+        if jax.process_count() > 1:
+            try:
+                from jax._src import distributed
+
+                self._sync = distributed.global_state.preemption_sync_manager is not None
+            except Exception:  # noqa: BLE001
+                self._sync = False
+        if not self._sync and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self._flag.set()
+
+    def reached(self, step: int) -> bool:
+        if self._sync:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        if jax.process_count() > 1:  # no preemption service: agree on the flag explicitly
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self._flag.is_set()))
+            return bool(np.max(flags))
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workdir
+
+
+def prepare_workdir(workdir: str) -> epath.Path:
+    if not workdir:
+        raise WorkdirError("no workdir given")
+    path = epath.Path(workdir)
+    try:
+        if jax.process_index() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write_test_{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+    except Exception as e:  # noqa: BLE001 - turned into one readable error
+        raise WorkdirError(f"workdir {workdir} is not writable: {ck._one_line(e)}") from e
+    ck._sync("prepare_workdir")
+    return path
+
+
+def _check_compatible(stored: Any, config, what: str) -> None:
+    diffs = tc.architecture_diff(tc.to_dict(stored), config)
+    if diffs:
+        raise IncompatibleConfigError(
+            f"{what} was written with a different architecture; differing keys: " + "; ".join(diffs[:12])
+            + (f" (+{len(diffs) - 12} more)" if len(diffs) > 12 else ""))
+
+
+def _write_config(workdir: epath.Path, config) -> None:
+    if jax.process_index() == 0:
+        (workdir / ck.CONFIG_FILE).write_text(tc.to_json(config))
+
+
+def _log_config_changes(stored, config) -> None:
+    changes = tc.diff(tc.to_dict(stored), tc.to_dict(config))
+    if changes:
+        log.info("config changes since the last run: %s", "; ".join(changes[:20]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initial parameters
+
+
+def _base_target(tr: Trainer, keys=None) -> dict:
+    a = tr.abstract_all()
+    tree = dict(a["model"])
+    for k in ck.NON_MODEL_KEYS:
+        if jax.tree.leaves(a[k]):
+            tree[k] = a[k]
+    return {k: v for k, v in tree.items() if keys is None or k in keys}
+
+
+def _params_from_base_dict(tr: Trainer, base: dict, fallback: dict | None = None) -> dict:
+    """All params {'model', 'text_encoder', 'vae'} from a base dict; groups the model lacks (e.g. the retention
+    branch when the base came from a t2v run) are ignored, groups the base lacks come from `fallback`."""
+    model, rest = ck.split_base(base)
+    groups = set(tr.abstract_params["model"])
+    out = {"model": {**(fallback["model"] if fallback else {}), **{k: v for k, v in model.items() if k in groups}}}
+    for k in ck.NON_MODEL_KEYS:
+        out[k] = rest[k] if jax.tree.leaves(rest[k]) or fallback is None else fallback[k]
+    return out
+
+
+def _check_model_config(stored: ml_collections.ConfigDict, config, what: str) -> None:
+    fake = {"model": stored.to_dict(), "train": tc.to_dict(config.train)}
+    _check_compatible(fake, config, what)
+
+
+def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
+    """All params for a fresh run from `config.init_from` (base checkpoint or training workdir)."""
+    config = tr.config
+    if not (ck.is_base(path) or ck.is_workdir(path)):
+        raise ck.CheckpointError(f"init_from {path} is neither a base checkpoint ({ck.BASE_MODEL_CONFIG}) nor a "
+                                 f"training workdir ({ck.CONFIG_FILE} and {ck.BASE_DIR}/)")
+    params = tr.init_params(key)
+    src_has_branch = False
+    if ck.is_workdir(path):
+        src_config = ck.read_workdir_config(path)
+        _check_model_config(src_config.model, config, f"init_from workdir {path}")
+        base_path = os.fspath(epath.Path(path) / ck.BASE_DIR)
+        stored = set(ck.base_shapes(base_path))
+        want = set(_base_target(tr)) & stored
+        base, _ = ck.load_base(base_path, target=_base_target(tr, want))
+        model, _ = ck.split_base(base)
+        try:
+            trainable, step = ck.load_trainable(path, None, bool(config.train.init_from_ema))
+            flat = st.flatten(model)
+            shardings = st.flatten(tr.param_shardings["model"])
+            for k, v in st.flatten(trainable).items():
+                if k.split(st.SEP)[0] in model and k in shardings:
+                    flat[k] = tr.put(v, shardings[k])
+            model = st.unflatten(flat)
+            base = {**base, **model}
+            log.info("init_from %s: checkpoint step %d (%s) over its base", path, step,
+                     "EMA" if config.train.init_from_ema else "params")
+        except ck.CheckpointError as e:
+            log.warning("init_from %s: %s; using its initial weights (base)", path, e)
+        src_has_branch = "retention" in base
+    else:
+        _check_model_config(ck.read_model_config(path), config, f"init_from base {path}")
+        stored = set(ck.base_shapes(path))
+        want = set(_base_target(tr)) & stored
+        base, _ = ck.load_base(path, target=_base_target(tr, want))
+        src_has_branch = "retention" in base
+        log.info("init_from base %s: loaded %s", path, sorted(base))
+    if "unet" not in base:
+        raise ck.CheckpointError(f"init_from {path} holds no 'unet' parameters")
+    params = _params_from_base_dict(tr, base, params)
+    if tr.mode == "dreamvideo" and not src_has_branch:
+        params["model"] = tr.copy_retention_from_unet(params["model"])
+        log.info("retention branch initialised from the loaded primary U-Net")
+    return params
+
+
+def _parse_resume(path: str) -> tuple[str, int | None]:
+    p = epath.Path(path)
+    if p.name.isdigit() and p.parent.name == ck.CHECKPOINT_DIR:
+        return os.fspath(p.parent.parent), int(p.name)
+    return path, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loop
+
+
+def _data_iterator(config, state_to_restore):
+    from dreamvideo_jax.data import pipeline
+
+    it = pipeline.make_train_iterator(
+        config.data,
+        batch_size=int(config.train.batch_size),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if state_to_restore is not None:
+        it.set_state(state_to_restore)
+    return it
+
+
+def _close(x) -> None:
+    close = getattr(x, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_iterator=None) -> TrainResult:
+    """Trains `config` in `workdir` until `train.num_steps` (or a preemption signal) and returns a summary.
+
+    Args:
+      config: the full config (see `configs/`); not modified.
+      workdir: local path or gs://; created if missing. Rerunning with the same workdir resumes.
+      data_iterator: optional iterator of per-process numpy batches with `get_state()`/`set_state()` (tests,
+        custom data); default the grain pipeline of `config.data`.
+
+    Raises:
+      WorkdirError, IncompatibleConfigError, CheckpointError, NonFiniteLossError, ValueError (bad config).
+    """
+    config = ml_collections.ConfigDict(tc.to_dict(config))
+    tc.check_config(config)
+    t = config.train
+    wd = prepare_workdir(workdir)
+    stored_config = ck.read_workdir_config(os.fspath(wd))
+    if stored_config is not None:
+        _check_compatible(stored_config, config, f"workdir {workdir}")
+        _log_config_changes(stored_config, config)
+
+    tr = Trainer(config)
+    log.info("mesh %s over %d devices (%d processes); %d trainable parameter arrays", dict(tr.mesh.shape),
+             tr.mesh.size, jax.process_count(), len(tr.comps.trainable_paths))
+    ckpt = ck.Checkpointer(ck.checkpoint_dir(os.fspath(wd)), keep=int(t.keep_checkpoints),
+                           keep_every=int(t.keep_every), use_async=bool(t.async_checkpointing))
+    watcher = None
+    data_it = None
+    writer = None
+    try:
+        state, frozen, data_state, source = _start(tr, config, wd, ckpt)
+        _write_config(wd, config)
+        start_step = int(jax.device_get(state.step))
+        log.info("starting at step %d (%s)", start_step, source)
+
+        data_it = data_iterator if data_iterator is not None else _data_iterator(config, None)
+        if data_state is not None:
+            data_it.set_state(data_state)
+        writer = mt.MetricWriter(os.fspath(wd), resume_step=start_step)
+        watcher = PreemptionWatcher()
+        result = _run(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step)
+        result.source = source
+        return result
+    finally:
+        if watcher is not None:
+            watcher.close()
+        if writer is not None:
+            writer.close()
+        if data_iterator is None and data_it is not None:
+            _close(data_it)
+        ckpt.close()
+
+
+def _start(tr: Trainer, config, wd: epath.Path, ckpt: ck.Checkpointer):
+    """(state, frozen, data_state, source) following the resume order."""
+    t = config.train
+    base_dir = wd / ck.BASE_DIR
+    key = jax.random.key(int(config.seed))
+    # 1. This workdir.
+    if ckpt.all_steps():
+        if not ck.is_base(os.fspath(base_dir)):
+            raise ck.CheckpointError(f"workdir {wd} has checkpoints but no {base_dir} (frozen weights)")
+        base, _ = ck.load_base(os.fspath(base_dir), target=_base_target(tr))
+        restored = ckpt.restore_latest(tr.abstract_state, on_corrupt=t.corrupt_checkpoint)
+        if restored is not None:
+            params = _params_from_base_dict(tr, base)
+            _, frozen = tr.split(params)
+            log.info("resuming from %s", restored.path)
+            return restored.state, frozen, restored.data_state, "workdir"
+        log.error("no restorable checkpoint left in %s; continuing with the next start option", ckpt.directory)
+    # 2. config.resume.
+    if config.get("resume"):
+        src, step = _parse_resume(config.resume)
+        if not ck.is_workdir(src):
+            raise ck.CheckpointError(f"resume {config.resume}: {src} is not a training workdir")
+        _check_compatible(ck.read_workdir_config(src), config, f"resume workdir {src}")
+        base, _ = ck.load_base(os.fspath(epath.Path(src) / ck.BASE_DIR), target=_base_target(tr))
+        src_ckpt = ck.Checkpointer(ck.checkpoint_dir(src), read_only=True, use_async=False)
+        try:
+            if step is None:
+                restored = src_ckpt.restore_latest(tr.abstract_state, on_corrupt=t.corrupt_checkpoint)
+                if restored is None:
+                    raise ck.CheckpointError(f"resume {config.resume}: no checkpoint in {src_ckpt.directory}")
+            else:
+                try:
+                    restored = src_ckpt.restore(step, tr.abstract_state)
+                except Exception as e:  # noqa: BLE001
+                    raise ck.CheckpointError(f"resume checkpoint {config.resume} cannot be restored: "
+                                             f"{ck._one_line(e)}") from e
+        finally:
+            src_ckpt.close()
+        params = _params_from_base_dict(tr, base)
+        _write_base(tr, base_dir, params, config)
+        _, frozen = tr.split(params)
+        log.info("resuming from %s", restored.path)
+        return restored.state, frozen, restored.data_state, "resume"
+    # 3./4. init_from or scratch.
+    if config.get("init_from"):
+        params = load_init_from(tr, config.init_from, key)
+        source = "init_from"
+    else:
+        params = tr.init_params(key)
+        source = "scratch"
+    _write_base(tr, base_dir, params, config)
+    trainable, frozen = tr.split(params)
+    state = tr.init_state(trainable)
+    return state, frozen, None, source
+
+
+def _write_base(tr: Trainer, base_dir: epath.Path, params: dict, config) -> None:
+    tree = dict(params["model"])
+    for k in ck.NON_MODEL_KEYS:
+        if jax.tree.leaves(params[k]):
+            tree[k] = params[k]
+    if ck.is_base(os.fspath(base_dir)) and (base_dir / ck.BASE_PARAMS).exists():
+        have = ck.base_shapes(os.fspath(base_dir))
+        want = jax.tree.map(lambda a: tuple(a.shape), tree)
+        diffs = ck._shape_diffs(have, want)
+        if not diffs:
+            log.info("base weights already in %s", base_dir)
+            return
+        raise ck.CheckpointError(f"{base_dir} holds weights of another model ({'; '.join(diffs[:5])}); "
+                                 f"use a new workdir")
+    if (base_dir / ck.BASE_PARAMS).exists() and jax.process_index() == 0:
+        (base_dir / ck.BASE_PARAMS).rmtree()  # an interrupted earlier write (no model_config.json)
+    ck._sync("base_cleanup")
+    ck.save_base(os.fspath(base_dir), tree, config.model)
+    log.info("wrote base weights to %s", base_dir)
+
+
+def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, writer: mt.MetricWriter,
+         watcher: PreemptionWatcher, start_step: int) -> TrainResult:
+    t = config.train
+    num_steps, every, log_every = int(t.num_steps), int(t.checkpoint_every), max(1, int(t.log_every))
+    batch_size = int(t.batch_size)
+    acc = mt.Accumulator(int(t.timestep_buckets), tr.comps.schedule.num_train_timesteps)
+    progress = mt.Progress(bool(t.progress_bar), num_steps, start_step)
+    step = start_step
+    pending: tuple[int, Any] | None = None
+    last_metrics: dict = {}
+    preempted = False
+    t_log, steps_since_log, data_seconds = time.perf_counter(), 0, 0.0
+    run_t0, run_steps = None, 0
+
+    def check(item) -> None:
+        s, m = item
+        m = jax.device_get(m)
+        if not bool(m["finite"]):
+            if t.nonfinite == "stop":
+                raise mt.NonFiniteLossError(
+                    f"non-finite loss or gradients at step {s} (loss={float(m['loss'])}, grad_norm="
+                    f"{float(m['grad_norm'])}); the last checkpoint is unaffected. Lower train.learning_rate, or set "
+                    f"train.nonfinite=skip to drop such updates")
+            log.warning("step %d: non-finite loss or gradients; update skipped", s)
+        acc.add(m)
+        progress.update(1, loss=float(m["loss"]))
+
+    try:
+        while step < num_steps:
+            t0 = time.perf_counter()
+            local = next(data_it)
+            data_seconds += time.perf_counter() - t0
+            batch = tr.global_batch(local)
+            if tr._compiled is None:
+                secs = tr.compile(state, frozen, batch)
+                log.info("compiled the train step in %.1f s", secs)
+                t_log = time.perf_counter()
+            state, metrics = tr.train_step(state, frozen, batch)
+            step += 1
+            if run_t0 is None:
+                run_t0 = time.perf_counter()
+            else:
+                run_steps += 1
+            if pending is not None:
+                check(pending)
+            pending = (step, metrics)
+            save = step % every == 0 or step == num_steps
+            stop = watcher.reached(step)
+            if save or stop or step % log_every == 0:
+                check(pending)
+                pending = None
+            if step % log_every == 0 or step == num_steps or stop:
+                now = time.perf_counter()
+                n = max(acc.n, 1)
+                summary = acc.summary()
+                summary.update(
+                    step_time=(now - t_log) / n,
+                    examples_per_second=batch_size * n / max(now - t_log, 1e-9),
+                    data_time=data_seconds / n,
+                )
+                writer.write(step, summary)
+                last_metrics = summary
+                log.info("step %d: loss %.5f, grad_norm %.4g, lr %.3g, %.3f s/step", step, summary["loss"],
+                         summary["grad_norm"], summary["learning_rate"], summary["step_time"])
+                acc.reset()
+                t_log, data_seconds = now, 0.0
+            if save or stop:
+                ckpt.save(state, data_it.get_state() if hasattr(data_it, "get_state") else None, config)
+            if stop:
+                preempted = True
+                ckpt.wait()
+                log.warning("stopped at step %d on request; checkpoint %s saved", step, ckpt.step_path(step))
+                break
+        if pending is not None:
+            check(pending)
+        ckpt.wait()
+    finally:
+        progress.close()
+    sps = run_steps / (time.perf_counter() - run_t0) if run_t0 is not None and run_steps else None
+    return TrainResult(step=step, start_step=start_step, preempted=preempted, source="", last_metrics=last_metrics,
+                       compile_seconds=tr.compile_seconds, steps_per_second=sps)
