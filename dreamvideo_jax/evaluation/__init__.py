@@ -8,6 +8,8 @@
 - :mod:`.clip` -- CLIP image/text embeddings converted from a transformers ``CLIPModel`` folder: FFF_CLIP and
   CLIP-SIM (:class:`~dreamvideo_jax.evaluation.clip.CLIPScorer`).
 - :mod:`.shapes` -- motion-direction accuracy, first-frame SSIM and identity retention for moving-shapes clips.
+- :class:`~dreamvideo_jax.evaluation.suite.MetricSuite` -- all of the above over a stream of (real, generated,
+  caption) batches, with skip reasons and resumable state.
 
 Contract: ``frechet_video_distance(real, fake)`` takes two uint8 arrays ``(N, T, H, W, 3)`` and returns a float;
 ``ssim(a, b)`` takes two uint8 images ``(H, W, 3)``.
@@ -28,7 +30,7 @@ _LAZY = {
     "C3D": "c3d", "C3DClassifier": "c3d", "load_c3d_params": "c3d", "video_inception_score": "c3d",
     "CLIPModel": "clip", "CLIPScorer": "clip", "load_clip": "clip", "clip_preprocess": "clip",
     "direction_accuracy": "shapes", "motion_direction": "shapes", "identity_retention": "shapes",
-    "shapes_metrics": "shapes",
+    "shapes_metrics": "shapes", "MetricSuite": "suite",
 }  # fmt: skip
 
 
