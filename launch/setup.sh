@@ -23,5 +23,10 @@ else
   "$venv/bin/python" -m pip install -q -r requirements.txt
 fi
 "$venv/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
+if [ "$kind" = test ]; then
+  # The Kinetics-400 label names ship in torchvision's wheel, which cannot be installed beside torch 2.13:
+  # keep the wheel file for the I3D test to read.
+  "$venv/bin/python" -m pip download -q --no-deps torchvision==0.29.1 -d "$venv/test-assets/torchvision_wheel"
+fi
 "$venv/bin/python" -c "import jax, flax; print('installed: jax', jax.__version__, 'flax', flax.__version__)"
 echo "$want" > "$stamp"

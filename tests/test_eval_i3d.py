@@ -7,8 +7,6 @@ Runs I3D on a handful of 16-frame clips: 3 windows of `carphone_pristine.mp4` (a
 import glob
 import importlib.util
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -55,23 +53,14 @@ def features(windows, extractor):
 
 
 @pytest.fixture(scope="module")
-def kinetics_labels(tmp_path_factory):
-    """The 400 label names from the torchvision wheel (downloaded with pip, cached between runs)."""
+def kinetics_labels():
+    """The 400 label names from the torchvision wheel that `launch/setup.sh test` downloads beside the venv."""
     from dreamvideo_jax.evaluation.i3d import kinetics400_labels
 
-    cache = os.environ.get("DREAMVIDEO_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dreamvideo_jax"))
-    folder = os.path.join(cache, "torchvision_wheel")
+    folder = os.path.join(os.environ.get("DREAMVIDEO_TEST_ASSETS", ""), "torchvision_wheel")
     wheels = glob.glob(os.path.join(folder, "torchvision-*.whl"))
     if not wheels:
-        os.makedirs(folder, exist_ok=True)
-        try:
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", TORCHVISION,
-                                   "-d", folder], capture_output=True, text=True, timeout=300)  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as e:
-            pytest.skip(f"cannot fetch the {TORCHVISION} wheel for the Kinetics label names: {e}")
-        wheels = glob.glob(os.path.join(folder, "torchvision-*.whl"))
-        if proc.returncode or not wheels:
-            pytest.skip(f"cannot fetch the {TORCHVISION} wheel for the Kinetics label names: {proc.stderr[-300:]}")
+        pytest.skip(f"no {TORCHVISION} wheel in {folder!r} (run `bash launch/setup.sh test`)")
     return kinetics400_labels(wheels[0])
 
 

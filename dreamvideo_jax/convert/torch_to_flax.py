@@ -150,6 +150,6 @@ def convert_lazy(
     flat_target = traverse_util.flatten_dict(dict(target_shapes))
     out = {}
     for key, dst in plan.items():
-        arr = np.ascontiguousarray(_to_flax(to_float32(load(key)), dst[-1], len(flat_target[dst].shape)))
+        arr = np.array(_to_flax(to_float32(load(key)), dst[-1], len(flat_target[dst].shape)), order="C")  # keeps 0-d
         out[dst] = arr if put is None else put(arr)
     return traverse_util.unflatten_dict(out)

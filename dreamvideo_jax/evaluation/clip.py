@@ -318,7 +318,7 @@ def load_clip(folder: str, *, dtype=jnp.float32) -> tuple[CLIPModel, dict]:
     pix = jnp.zeros((1, vision.image_size, vision.image_size, 3), jnp.float32)
     shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), ids, pix)))["params"]
     params = convert_state_dict(state, shapes, what=where, ignore=lambda k: k.endswith("position_ids"))
-    params["logit_scale"] = np.asarray(params["logit_scale"], np.float32).reshape(())  # the converter returns (1,)
+    params["logit_scale"] = np.asarray(params["logit_scale"], np.float32)
     return model, params
 
 
