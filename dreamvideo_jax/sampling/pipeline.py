@@ -1,0 +1,677 @@
+"""The sampling pipeline: images + prompts in, uint8 videos out; multi-stage chains; batch sharding.
+
+    sampler = Sampler(config, variables)               # variables: sampling.weights.load(...).variables
+    video = sampler.generate(image, "a dog runs", num_frames=16, text_guidance=9.0, seed=1)   # (1, F, H, W, 3)
+    chain = sampler.generate_chain(image, ["a dog runs", "the dog jumps"])   # chain.video: (1, 2F, H, W, 3)
+
+Flow of one clip (DESIGN.md §2): tokenise (warn on truncation) -> text encoder on the prompts and on "" ->
+reference image in [-1, 1] (or its VAE latent) -> initial noise -> N guided steps, each ONE batched forward over the
+three guidance branches (samplers.guided_step) -> VAE decode in frame chunks -> uint8.
+
+Compile once. Every device function (text encoder, preparation, denoising step, decoder) is compiled ahead of time
+(`jit(...).lower(...).compile()`, timed, so compile time is reported apart from sampling time) and cached for the
+process by input shapes, shardings and static options. Guidance scales (per sample), seeds, eta, the stage index,
+the first-frame-replacement switch and the timesteps are *inputs*: changing them -- or the number of steps with
+the Python loop -- never compiles anything (a test counts XLA compilations). The sampler, the clip size, the
+batch size and `loop='scan'`'s step count are shapes or static and do compile once each.
+
+Randomness. Sample ``b`` with seed ``s_b`` uses the key ``fold_in(key(s_b), stage)`` for everything (initial
+noise, DDIM noise, replacement noise). A batch's seeds default to ``seed + b``, so a sample of a batch equals the
+solo run with its seed, and no result depends on the batch it was in or on how the batch was sharded.
+
+Batches and devices. The batch is split over devices along its leading axis (the three guidance branches of a
+sample stay on the sample's device, see samplers.guidance_inputs). Without an explicit ``mesh`` the sampler uses
+the fewest local devices that need the same number of rounds -- ``k = ceil(B / ceil(B / n))`` of ``n`` -- and
+pads the batch to a multiple of ``k`` with copies of its last sample, dropped afterwards (so 1 prompt on 8 devices
+runs on one device instead of computing 7 discarded copies). With a mesh, the batch is split over its
+``data``/``fsdp``/``batch`` axes (all axes if it has none of these) and padded to a multiple of their size.
+Parameters are replicated.
+
+Chaining (two or more stages). Stage ``k+1``'s reference image is exactly the last frame of stage ``k`` *as
+written*: the decoded, uint8-quantised frame the user sees, converted to [-1, 1] like any user image. No latent is
+passed along and nothing is re-encoded behind the user's back (except by the image branch itself when the model's
+image input is a VAE latent -- the same as for a user image). The joined video is the stages' frames in order;
+``drop_repeated_frame`` removes each later stage's first frame, which re-shows the previous last frame.
+Drift over the chain (SSIM and colour shift of each stage's first frame against the input image) is measured
+(`sampling.metrics`).
+
+Text-to-video models (``mode='t2v'``, the ModelScope base). The image branch is absent, so the "image only" branch
+equals the unconditional one: the model runs the unconditional and text rows only (2B rows, not 3B) and guidance
+reduces to classic CFG with the text scale. With ``first_frame_replacement`` the reference image still steers the
+clip: before every step frame 0 of the latents is replaced by the reference latent noised to the current level
+(fixed noise per sample), and after the last step by the clean reference latent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dreamvideo_jax.diffusion import samplers, schedules
+from dreamvideo_jax.models import build as mb
+from dreamvideo_jax.sampling import config as sample_config
+from dreamvideo_jax.sampling import inputs as I
+from dreamvideo_jax.sampling import metrics
+from dreamvideo_jax.sampling.weights import split_variables
+
+log = logging.getLogger(__name__)
+
+BATCH_MESH_AXES = ("data", "fsdp", "batch")
+_REPLACEMENT_NOISE_SALT = 0x7FFFFFFE  # != the initial-noise salt and != any step index
+
+# Process-wide cache of compiled executables: several Sampler objects over the same architecture (a demo that
+# reloads weights, tests) share them, since parameters are inputs.
+_EXECUTABLES: dict[tuple, Any] = {}
+
+
+@dataclasses.dataclass
+class Timings:
+    """Wall-clock seconds of the last ``generate`` / ``generate_chain`` call."""
+
+    compile_s: float = 0.0  # ahead-of-time compilation (0 when every executable was cached)
+    compiles: int = 0  # executables compiled
+    text_s: float = 0.0  # tokenising + text encoder
+    prepare_s: float = 0.0  # noise, reference image / latent
+    sample_s: float = 0.0  # the denoising loop
+    decode_s: float = 0.0  # VAE decode + copy to host
+    steps: int = 0  # denoising steps run (over all stages)
+
+    @property
+    def total_s(self) -> float:
+        return self.compile_s + self.text_s + self.prepare_s + self.sample_s + self.decode_s
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["total_s"] = self.total_s
+        d["ms_per_step"] = 1e3 * self.sample_s / self.steps if self.steps else 0.0
+        return d
+
+    def summary(self) -> str:
+        ms = 1e3 * self.sample_s / self.steps if self.steps else 0.0
+        return (f"compile {self.compile_s:.1f} s ({self.compiles} executables) | sampling {self.sample_s:.2f} s "
+                f"({self.steps} steps, {ms:.0f} ms/step) | text {self.text_s:.2f} s | decode {self.decode_s:.2f} s")
+
+
+@dataclasses.dataclass
+class ChainResult:
+    """A batch of multi-stage videos.
+
+    Attributes:
+        video: uint8 ``(B, F_total, H, W, 3)``, the stages joined.
+        stages: ``S`` uint8 videos ``(B, F, H, W, 3)``.
+        references: uint8 ``(B, S, H, W, 3)``, the reference image of each stage (``[:, 0]`` = the input image,
+            ``[:, k]`` = ``stages[k - 1][:, -1]``).
+        latents: ``S`` float32 ``(B, F, h, w, C)``, each stage's latents before decoding.
+        drift: see :func:`sampling.metrics.chain_drift`.
+        prompts: ``[stage][sample]``.
+        seeds: per sample.
+    """
+
+    video: np.ndarray
+    stages: list[np.ndarray]
+    references: np.ndarray
+    latents: list[np.ndarray]
+    drift: dict
+    prompts: list[list[str]]
+    seeds: list[int]
+
+
+class _Reference(NamedTuple):
+    latent: jax.Array  # (B, h, w, C) clean reference latent (zeros when unused)
+    noise: jax.Array  # (B, h, w, C) fixed noise for the replacement
+    mask: jax.Array  # (B,) bool: replace frame 0
+
+
+@dataclasses.dataclass
+class _Request:
+    """One validated clip request (all per-sample lists padded to the device multiple)."""
+
+    batch: int  # real samples
+    padded: int
+    images: np.ndarray  # uint8 (P, H, W, 3)
+    prompts: list[str]
+    seeds: list[int]
+    image_scale: np.ndarray  # float32 (P,)
+    text_scale: np.ndarray
+    num_frames: int
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    eta: float
+    replace: bool
+
+
+def _batch_size(images: Any, prompts: list, *per_sample: Any) -> int:
+    """The batch size implied by the longest per-sample argument (single values broadcast)."""
+    sizes = [len(prompts)]
+    if isinstance(images, (list, tuple)):
+        sizes.append(len(images))
+    elif images is not None and np.ndim(images) == 4:
+        sizes.append(np.shape(images)[0])
+    sizes += [len(v) for v in per_sample if isinstance(v, (list, tuple, np.ndarray))]
+    return max(sizes)
+
+
+def _pad(seq: list, n: int) -> list:
+    return list(seq) + [seq[-1]] * (n - len(seq))
+
+
+def _sharding_key(s: Any) -> Any:
+    if s is None:
+        return None
+    if isinstance(s, NamedSharding):
+        m = s.mesh
+        return ("named", tuple(d.id for d in m.devices.flat), tuple(m.axis_names), tuple(m.devices.shape), str(s.spec))
+    return (type(s).__name__, tuple(sorted(d.id for d in s.device_set)), repr(s))
+
+
+def _signature(tree: Any) -> tuple:
+    def one(x):
+        return (tuple(np.shape(x)), str(getattr(x, "dtype", type(x))), _sharding_key(getattr(x, "sharding", None)))
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return (str(treedef), tuple(one(x) for x in leaves))
+
+
+def _to_uint8(x: jax.Array) -> jax.Array:
+    return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class Sampler:
+    """Samples videos from a DreamVideo (or text-to-video) model.
+
+    Args:
+        config: the model's config (``model``, ``diffusion``, ``train.prediction_type``, optional ``sample`` and
+            ``data.pad_id``; e.g. the one ``training.checkpoint.load_for_inference`` returns).
+        variables: weights, any layout :func:`sampling.weights.split_variables` accepts (numpy or jax arrays).
+        mesh: devices to split batches over (see the module docstring); ``None`` = local devices, automatically.
+        mode: ``'dreamvideo'`` | ``'t2v'`` | ``None`` (from the weights). ``'t2v'`` on DreamVideo weights runs
+            their primary U-Net alone.
+        tokenizer: a CLIP tokenizer object; default: ``config.sample.tokenizer`` / ``tokenizer_dir`` / CLIP built
+            offline from open_clip's vocabulary.
+        tokenizer_dir: a tokenizer folder shipped with the weights (used when ``config.sample.tokenizer`` is '').
+    """
+
+    def __init__(self, config, variables: dict, *, mesh: Mesh | None = None, mode: str | None = None,
+                 tokenizer: Any = None, tokenizer_dir: str | None = None):
+        self.config = config
+        self.options = sample_config.resolve(config)
+        m = config.model
+        mb.check_model_config(m)
+        self.mode, model_params, text_params, vae_params = split_variables(variables, mode)
+        self.model = mb.build_dreamvideo(m)
+        self.text_encoder = mb.build_text_encoder(m)
+        self.vae = mb.build_autoencoder(m)
+        self.factor = mb.autoencoder_factor(m)
+        self.latent_channels = mb.latent_channels(m)
+        self.image_input = mb.retention_config(m).image_input
+        self.context_length = mb.text_config(m).context_length
+        train = config.get("train") or ml_collections.ConfigDict()
+        self.prediction_type = schedules.canonical_prediction_type(train.get("prediction_type", "eps"))
+        d = config.get("diffusion") or ml_collections.ConfigDict()
+        self.schedule_args = (d.get("beta_schedule", "scaled_linear"), int(d.get("num_train_timesteps", 1000)),
+                              float(d.get("beta_start", 0.00085)), float(d.get("beta_end", 0.012)),
+                              bool(d.get("rescale_zero_terminal_snr", False)))
+        self.schedule = schedules.make_schedule(*self.schedule_args)
+        data = config.get("data") or ml_collections.ConfigDict()
+        from dreamvideo_jax.data import tokenizer as tok
+
+        self.pad_id = int(data.get("pad_id", tok.PAD_ID))
+        self._tokenizer = tokenizer
+        self._tokenizer_dir = tokenizer_dir
+        self._params = {"model": model_params, "text": text_params, "vae": vae_params}
+        self._mesh = mesh
+        self._placed: tuple[Any, Any] | None = None  # (mesh key, params on that mesh): one copy at a time
+        self._sig_cache: dict[int, tuple] = {}
+        self._null: dict[Any, jax.Array] = {}
+        arch = json.dumps(m.to_dict() if hasattr(m, "to_dict") else dict(m), sort_keys=True, default=str)
+        self._arch_key = hashlib.sha256(arch.encode()).hexdigest()  # text encoder, VAE
+        self._model_key = hashlib.sha256(f"{arch}|{self.mode}|{self.prediction_type}".encode()).hexdigest()
+        self.timings = Timings()
+        self.compiled: list[tuple[str, float]] = []  # (name, seconds) of every compilation by this sampler
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Public API
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    def default_size(self) -> tuple[int, int, int]:
+        """``(num_frames, height, width)`` when not given: ``sample.*`` if set, else the config's clip size."""
+        o, c = self.options, self.config
+        return (int(o.num_frames or c.get("num_frames", 16)), int(o.height or c.get("height", 256)),
+                int(o.width or c.get("width", 256)))
+
+    def generate(self, images: Any, prompts: str | Sequence[str], **kwargs) -> np.ndarray:
+        """Videos for a batch of (image, prompt) pairs: uint8 ``(B, F, H, W, 3)``.
+
+        Args:
+            images: uint8 pixels or floats in [-1, 1]; one image ``(H, W, 3)`` for every prompt, a batch
+                ``(B, H, W, 3)`` or a list of images of any sizes (each resized and centre-cropped). May be
+                ``None`` for a text-to-video model without first-frame replacement.
+            prompts: one prompt or ``B`` prompts; ``""`` = text-unconditional.
+            **kwargs: ``num_frames, height, width, image_guidance, text_guidance, steps, sampler, seed, eta,
+                first_frame_replacement, progress`` -- see :meth:`sample_latents`.
+        """
+        latents = self.sample_latents(images, prompts, **kwargs)
+        return self.decode(latents)
+
+    def sample_latents(self, images: Any, prompts: str | Sequence[str], *, num_frames: int | None = None,
+                       height: int | None = None, width: int | None = None,
+                       image_guidance: float | Sequence[float] | None = None,
+                       text_guidance: float | Sequence[float] | None = None, steps: int | None = None,
+                       sampler: str | None = None, seed: int | Sequence[int] | None = None,
+                       eta: float | None = None, first_frame_replacement: bool | None = None,
+                       progress: bool = False, stage: int = 0) -> np.ndarray:
+        """Denoised latents ``(B, F, h, w, C)`` float32, before decoding (save them: decoding is the memory peak).
+
+        ``None`` arguments take ``config.sample``'s defaults. Guidance scales and seeds may be per sample.
+        ``stage`` selects the random stream of a chain's stage (0 for single clips).
+        """
+        self.timings = Timings()
+        req = self._request(images, prompts, num_frames, height, width, image_guidance, text_guidance, steps,
+                            sampler, seed, eta, first_frame_replacement)
+        latents = self._sample(req, stage, progress)
+        return np.asarray(jax.device_get(latents))[: req.batch]
+
+    def decode(self, latents: Any) -> np.ndarray:
+        """Latents ``(B, F, h, w, C)`` -> uint8 videos ``(B, F, H, W, 3)`` (``sample.decode_chunk_size`` frames of
+        each sample at a time)."""
+        latents = np.asarray(latents, np.float32)
+        b = latents.shape[0]
+        mesh, padded = self._mesh_for(b)
+        latents = np.concatenate([latents, np.repeat(latents[-1:], padded - b, 0)]) if padded > b else latents
+        t0 = time.perf_counter()
+        video = self._decode(mesh, jax.device_put(latents, self._batch_sharding(mesh, latents.ndim)))
+        out = np.asarray(jax.device_get(video))[:b]
+        self.timings.decode_s += time.perf_counter() - t0 - self._last_compile_s
+        return out
+
+    def generate_chain(self, images: Any, prompts: Sequence[str] | Sequence[Sequence[str]], *,
+                       drop_repeated_frame: bool = False,
+                       on_stage: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None,
+                       **kwargs) -> ChainResult:
+        """Multi-stage videos: stage ``k+1`` starts from the last frame of stage ``k`` (see the module docstring).
+
+        Args:
+            images: the input image(s), as for :meth:`generate`.
+            prompts: one entry per stage; each a prompt for every sample or a list of ``B`` prompts.
+            drop_repeated_frame: leave out each later stage's first frame when joining.
+            on_stage: ``on_stage(stage, latents, video)`` is called with a stage's latents as soon as they are
+                sampled (``video=None``, before the decode), then again with its decoded video.
+            **kwargs: as for :meth:`sample_latents` (``seed`` / guidance may be per sample).
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise I.InputError("prompt", prompts, "generate_chain takes a list of prompts, one per stage")
+        stage_prompts = [[p] if isinstance(p, str) else list(p) for p in prompts]
+        batch = max([len(p) for p in stage_prompts] + [_batch_size(images, stage_prompts[0], kwargs.get("seed"),
+                                                                   kwargs.get("image_guidance"),
+                                                                   kwargs.get("text_guidance"))])
+        stage_prompts = [p * batch if len(p) == 1 else p for p in stage_prompts]
+        if any(len(p) != batch for p in stage_prompts):
+            raise I.InputError("prompt", prompts, f"every stage needs 1 or {batch} prompts")
+        timings = Timings()
+        refs, stages, latents = [], [], []
+        current = images
+        seeds = None
+        for k, stage_p in enumerate(stage_prompts):
+            self.timings = Timings()
+            req = self._request(current, stage_p, **{n: kwargs.get(n) for n in (
+                "num_frames", "height", "width", "image_guidance", "text_guidance", "steps", "sampler", "seed",
+                "eta", "first_frame_replacement")})
+            if k == 0:
+                seeds = req.seeds[: req.batch]
+            refs.append(req.images[: req.batch])
+            lat = np.asarray(jax.device_get(self._sample(req, k, kwargs.get("progress", False))))[: req.batch]
+            if on_stage is not None:
+                on_stage(k, lat, None)
+            video = self.decode(lat)
+            if on_stage is not None:
+                on_stage(k, lat, video)
+            latents.append(lat)
+            stages.append(video)
+            current = video[:, -1]  # exactly the frame the user sees
+            for f in dataclasses.fields(Timings):
+                setattr(timings, f.name, getattr(timings, f.name) + getattr(self.timings, f.name))
+        self.timings = timings
+        references = np.stack(refs, axis=1)
+        parts = [stages[0]] + [s[:, 1:] if drop_repeated_frame else s for s in stages[1:]]
+        video = np.concatenate(parts, axis=1)
+        drift = metrics.chain_drift(references[:, 0], references, stages)
+        return ChainResult(video, stages, references, latents, drift, stage_prompts, list(seeds))
+
+    @property
+    def compile_count(self) -> int:
+        """Executables this sampler compiled (cached ones reused from other samplers are not counted)."""
+        return len(self.compiled)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Requests
+
+    def _request(self, images, prompts, num_frames, height, width, image_guidance, text_guidance, steps, sampler,
+                 seed, eta, first_frame_replacement) -> _Request:
+        o = self.options
+        f0, h0, w0 = self.default_size()
+        num_frames = I.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
+        height = I.check_size("height", h0 if height is None else height, self.factor)
+        width = I.check_size("width", w0 if width is None else width, self.factor)
+        sampler = I.check_sampler(o.sampler if sampler is None else sampler)
+        steps = I.check_steps(o.steps if steps is None else steps, sampler, self.num_train_timesteps,
+                              o.timestep_spacing, int(o.steps_offset))
+        eta = I.check_eta(o.eta if eta is None else eta, sampler)
+        replace = bool(o.first_frame_replacement if first_frame_replacement is None else first_frame_replacement)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise I.InputError("prompt", prompts, "no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise I.InputError("prompt", p, f"prompt {i} is not a string")
+        b = _batch_size(images, prompts, seed, image_guidance, text_guidance)
+        if len(prompts) == 1:
+            prompts = prompts * b
+        elif len(prompts) != b:
+            raise I.InputError("prompt", prompts, f"expected one prompt or {b} (one per sample)")
+        if images is None:
+            if self.mode == "dreamvideo" or replace:
+                raise I.InputError("image", None, "a reference image is required"
+                                   + (" for first-frame replacement" if replace else " by a DreamVideo model"))
+            images_u8 = np.zeros((b, height, width, 3), np.uint8)
+        else:
+            if isinstance(images, (list, tuple)) and len(images) == 1 and b > 1:
+                images = images[0]
+            images_u8 = I.as_uint8_images(images, height, width, batch=b)
+            if self.mode == "t2v" and not replace:
+                log.warning("the text-to-video model ignores the reference image; pass first_frame_replacement "
+                            "(--first_frame_replacement) to start the video from it")
+        image_scale = [I.check_guidance("image_guidance", float(v)) for v in
+                       I.per_sample(o.image_guidance if image_guidance is None else image_guidance, b,
+                                    "image_guidance")]
+        text_scale = [I.check_guidance("text_guidance", float(v)) for v in
+                      I.per_sample(o.text_guidance if text_guidance is None else text_guidance, b, "text_guidance")]
+        if self.mode == "t2v" and any(s != 1.0 for s in image_scale):
+            log.info("image_guidance has no effect on a text-to-video model (no image branch)")
+        seeds = I.seeds_for(int(o.seed) if seed is None else seed, b)
+        _, padded = self._mesh_for(b)
+        return _Request(
+            batch=b, padded=padded,
+            images=np.concatenate([images_u8, np.repeat(images_u8[-1:], padded - b, 0)]),
+            prompts=_pad(prompts, padded), seeds=_pad(seeds, padded),
+            image_scale=np.asarray(_pad(image_scale, padded), np.float32),
+            text_scale=np.asarray(_pad(text_scale, padded), np.float32),
+            num_frames=num_frames, height=height, width=width, steps=steps, sampler=sampler, eta=eta,
+            replace=replace,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Devices
+
+    def _mesh_for(self, batch: int) -> tuple[Mesh, int]:
+        if self._mesh is not None:
+            k = self._batch_divisor(self._mesh)
+            return self._mesh, -(-batch // k) * k
+        devices = jax.local_devices()
+        rounds = -(-batch // len(devices))
+        k = -(-batch // rounds)
+        return Mesh(np.asarray(devices[:k]), ("data",)), rounds * k
+
+    @staticmethod
+    def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+        axes = tuple(a for a in mesh.axis_names if a in BATCH_MESH_AXES)
+        return axes or tuple(mesh.axis_names)
+
+    def _batch_divisor(self, mesh: Mesh) -> int:
+        return math.prod(mesh.shape[a] for a in self._batch_axes(mesh))
+
+    def _batch_sharding(self, mesh: Mesh, ndim: int) -> NamedSharding:
+        return NamedSharding(mesh, P(self._batch_axes(mesh), *([None] * (ndim - 1))))
+
+    @staticmethod
+    def _mesh_key(mesh: Mesh) -> tuple:
+        return (tuple(d.id for d in mesh.devices.flat), tuple(mesh.axis_names), tuple(mesh.devices.shape))
+
+    def _placed_params(self, mesh: Mesh) -> dict:
+        key = self._mesh_key(mesh)
+        if self._placed is None or self._placed[0] != key:
+            self._placed = None  # free the previous copy first
+            rep = NamedSharding(mesh, P())
+            placed = jax.device_put({**self._params, "schedule": self.schedule}, rep)
+            self._placed = (key, placed)
+            # Parameter trees are arguments of every call: their signatures are computed once per placement.
+            self._sig_cache = {id(v): _signature(v) for v in placed.values()}
+        return self._placed[1]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Compilation
+
+    _last_compile_s = 0.0
+
+    def _executable(self, name: str, fn: Callable, args: tuple, static: tuple, out_shardings: Any = None):
+        arch = self._arch_key if name in ("text_encoder", "decode") else self._model_key
+        sig = tuple(self._sig_cache.get(id(a)) or _signature(a) for a in args)
+        key = (arch, name, static, sig, bool(jax.config.read("jax_disable_most_optimizations")))
+        exe = _EXECUTABLES.get(key)
+        self._last_compile_s = 0.0
+        if exe is None:
+            t0 = time.perf_counter()
+            jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
+            exe = jitted.lower(*args).compile()
+            dt = time.perf_counter() - t0
+            _EXECUTABLES[key] = exe
+            self.compiled.append((name, dt))
+            self.timings.compile_s += dt
+            self.timings.compiles += 1
+            self._last_compile_s = dt
+            log.info("compiled %s in %.1f s", name, dt)
+        return exe
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Device functions
+
+    def _model_fn(self, params, x3, t3, text3, image3):
+        """``model_fn`` of samplers.guided_step: rows ``3b+k`` are sample b's (uncond, image, full) branch."""
+        if self.mode == "dreamvideo":
+            return self.model.apply({"params": params}, x3, t3, text3, image3)
+        n = x3.shape[0] // 3
+        # No image branch: the image-only row equals the unconditional one, so run rows 3b and 3b+2 only.
+        pick = lambda a: a.reshape((n, 3) + a.shape[1:])[:, ::2].reshape((2 * n,) + a.shape[1:])  # noqa: E731
+        out = self.model.apply({"params": params}, pick(x3), pick(t3), pick(text3), method="unet_only")
+        out = out.reshape((n, 2) + out.shape[1:])
+        return jnp.stack([out[:, 0], out[:, 0], out[:, 1]], axis=1).reshape(x3.shape)
+
+    def _tokenizer_obj(self):
+        if self._tokenizer is None:
+            from dreamvideo_jax.data import tokenizer as tok
+
+            path = self.options.tokenizer or self._tokenizer_dir
+            self._tokenizer = tok.load_tokenizer(path) if path else tok.clip_tokenizer()
+        return self._tokenizer
+
+    def _tokens(self, prompts: list[str]) -> np.ndarray:
+        from dreamvideo_jax.data import tokenizer as tok
+
+        tokenizer = self._tokenizer_obj()
+        for i, p in enumerate(dict.fromkeys(prompts)):
+            n = tok.num_tokens(tokenizer, p)
+            if n > self.context_length:
+                log.warning("prompt %r is %d tokens long; truncated to the text encoder's %d", p[:80] +
+                            ("..." if len(p) > 80 else ""), n, self.context_length)
+        return tok.tokenize(tokenizer, prompts, self.context_length, self.pad_id)
+
+    def _encode_text(self, mesh: Mesh, params: dict, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+        ids = jax.device_put(self._tokens(prompts), self._batch_sharding(mesh, 2))
+        enc = lambda p, i: self.text_encoder.apply({"params": p} if p else {}, i).astype(jnp.float32)  # noqa: E731
+        exe = self._executable("text_encoder", enc, (params["text"], ids), (),
+                               out_shardings=self._batch_sharding(mesh, 3))
+        context = exe(params["text"], ids)
+        key = (self._mesh_key(mesh), len(prompts))
+        if key not in self._null:
+            null_ids = jax.device_put(self._tokens([""] * len(prompts)), self._batch_sharding(mesh, 2))
+            null = exe(params["text"], null_ids)
+            self._null[key] = jax.device_put(null[0], NamedSharding(mesh, P()))
+        return context, self._null[key]
+
+    def _prepare(self, mesh, params, req: _Request, stage: int):
+        b, f, c = req.padded, req.num_frames, self.latent_channels
+        h, w = req.height // self.factor, req.width // self.factor
+        need_latent = req.replace or (self.mode == "dreamvideo" and self.image_input == "latent")
+        mode, image_input, vae = self.mode, self.image_input, self.vae
+
+        def prepare(vae_params, seeds, stage, images_u8):
+            keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stage))(seeds)
+            x_t = samplers.initial_noise(keys, (b, f, h, w, c))
+            images = images_u8.astype(jnp.float32) / 127.5 - 1.0
+            if need_latent:
+                latent = vae.apply({"params": vae_params} if vae_params else {}, images, None, method="latents")
+                latent = latent.astype(jnp.float32)
+            else:
+                latent = jnp.zeros((b, h, w, c), jnp.float32)
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _REPLACEMENT_NOISE_SALT),
+                                                         (h, w, c), jnp.float32))(keys)
+            if mode == "t2v":
+                model_image = jnp.zeros((b, 1), jnp.float32)
+            elif image_input == "latent":
+                model_image = latent
+            else:
+                model_image = images
+            return x_t, keys, model_image, latent, noise
+
+        bs = lambda nd: self._batch_sharding(mesh, nd)  # noqa: E731
+        seeds = jax.device_put(np.asarray(req.seeds, np.uint32), bs(1))
+        images = jax.device_put(req.images, bs(4))
+        stage_arr = jax.device_put(np.int32(stage), NamedSharding(mesh, P()))
+        args = (params["vae"], seeds, stage_arr, images)
+        model_image_nd = 2 if self.mode == "t2v" else 4
+        exe = self._executable("prepare", prepare, args, (b, f, h, w, c, need_latent),
+                               out_shardings=(bs(5), bs(1), bs(model_image_nd), bs(4), bs(4)))
+        return exe(*args)
+
+    def _step_fn(self, sampler: str, loop: str):
+        set_one = bool(self.options.set_alpha_to_one)
+        ptype = self.prediction_type
+        model_fn = self._model_fn
+
+        def step(params, schedule, state, row, cond, knobs, ref: _Reference):
+            x = state.x
+            # First-frame replacement: frame 0 := the reference latent noised to the current level.
+            t = jnp.broadcast_to(row[1], (x.shape[0],))
+            noised = schedules.add_noise(schedule, ref.latent, ref.noise, t)
+            frame0 = jnp.where(ref.mask[:, None, None, None], noised, x[:, 0])
+            x = x.at[:, 0].set(frame0)
+            model = jax.tree_util.Partial(model_fn, params)
+            new = samplers.guided_step(model, schedule, samplers.SamplerState(x, state.x0), row, cond, knobs,
+                                       sampler=sampler, prediction_type=ptype, set_alpha_to_one=set_one)
+            final = (row[2] < 0) & ref.mask  # after the last step frame 0 is the clean reference latent
+            frame0 = jnp.where(final[:, None, None, None], ref.latent, new.x[:, 0])
+            return samplers.SamplerState(new.x.at[:, 0].set(frame0), new.x0)
+
+        if loop == "python":
+            return step
+
+        def scan(params, schedule, state, rows, cond, knobs, ref):
+            body = lambda s, r: (step(params, schedule, s, r, cond, knobs, ref), None)  # noqa: E731
+            return jax.lax.scan(body, state, rows)[0]
+
+        return scan
+
+    def _sample(self, req: _Request, stage: int, progress: bool) -> jax.Array:
+        """The padded latents of one request, on device."""
+        mesh, _ = self._mesh_for(req.batch)
+        params = self._placed_params(mesh)
+        bs = lambda nd: self._batch_sharding(mesh, nd)  # noqa: E731
+        rep = NamedSharding(mesh, P())
+
+        t0 = time.perf_counter()
+        context, null = self._encode_text(mesh, params, req.prompts)
+        jax.block_until_ready(context)
+        self.timings.text_s += time.perf_counter() - t0 - self._last_compile_s
+
+        t0 = time.perf_counter()
+        x_t, keys, model_image, latent, noise = self._prepare(mesh, params, req, stage)
+        jax.block_until_ready(x_t)
+        self.timings.prepare_s += time.perf_counter() - t0 - self._last_compile_s
+
+        cond = samplers.Conditioning(context, null, model_image)
+        knobs = samplers.Knobs(jax.device_put(req.image_scale, bs(1)), jax.device_put(req.text_scale, bs(1)),
+                               jax.device_put(np.float32(req.eta), rep), keys)
+        ref = _Reference(latent, noise, jax.device_put(np.full((req.padded,), req.replace), bs(1)))
+        state = samplers.SamplerState(x_t, jax.device_put(np.zeros(x_t.shape, np.float32), bs(5)))
+        o = self.options
+        make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
+        timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
+        rows = samplers.sampling_plan(timesteps, bool(o.set_alpha_to_one)).rows()
+        state_sharding = samplers.SamplerState(bs(5), bs(5))
+        loop = o.loop
+
+        if loop == "scan":
+            rows_dev = jax.device_put(rows, rep)
+            args = (params["model"], params["schedule"], state, rows_dev, cond, knobs, ref)
+            exe = self._executable("denoise_scan", self._step_fn(req.sampler, "scan"), args,
+                                   (req.sampler, bool(o.set_alpha_to_one), "scan"), out_shardings=state_sharding)
+            t0 = time.perf_counter()
+            state = exe(*args)
+            jax.block_until_ready(state.x)
+        else:
+            row_list = [jax.device_put(r, rep) for r in rows]
+            args = (params["model"], params["schedule"], state, row_list[0], cond, knobs, ref)
+            exe = self._executable("denoise_step", self._step_fn(req.sampler, "python"), args,
+                                   (req.sampler, bool(o.set_alpha_to_one), "python"), out_shardings=state_sharding)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(row_list), desc=f"stage {stage + 1}" if stage else "sampling", unit="step",
+                           leave=False, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            prev = None
+            for row in row_list:
+                state = exe(params["model"], params["schedule"], state, row, cond, knobs, ref)
+                if prev is not None:  # keep one step queued; the bar tracks finished steps
+                    jax.block_until_ready(prev)
+                    if bar is not None:
+                        bar.update(1)
+                prev = state.x
+            jax.block_until_ready(state.x)
+            if bar is not None:
+                bar.update(1)
+                bar.close()
+        self.timings.sample_s += time.perf_counter() - t0
+        self.timings.steps += len(rows)
+        return state.x
+
+    def _decode(self, mesh: Mesh, latents: jax.Array) -> jax.Array:
+        b, f = latents.shape[:2]
+        chunk = int(self.options.decode_chunk_size) or f
+        chunk = min(chunk, f)
+        n = -(-f // chunk)
+        vae = self.vae
+
+        def decode(vae_params, z):
+            variables = {"params": vae_params} if vae_params else {}
+            zp = jnp.pad(z, ((0, 0), (0, n * chunk - f)) + ((0, 0),) * (z.ndim - 2))
+            zc = jnp.moveaxis(zp.reshape((b, n, chunk) + z.shape[2:]), 1, 0)  # (n, B, chunk, h, w, C)
+
+            def one(zz):  # all samples' frames of one chunk; samples stay on their devices
+                frames = vae.apply(variables, zz.reshape((b * chunk,) + z.shape[2:]), method="decode")
+                return _to_uint8(frames).reshape((b, chunk) + frames.shape[1:])
+
+            out = jax.lax.map(one, zc)  # (n, B, chunk, H, W, 3)
+            return jnp.moveaxis(out, 0, 1).reshape((b, n * chunk) + out.shape[3:])[:, :f]
+
+        params = self._placed_params(mesh)
+        args = (params["vae"], latents)
+        exe = self._executable("decode", decode, args, (chunk,), out_shardings=self._batch_sharding(mesh, 5))
+        return exe(*args)
