@@ -60,7 +60,7 @@ def _builder_cls(dataset: str):
 def make_builder_config(dataset: str, config_name: str = "", **options):
     if dataset == "moving_shapes":
         cfg = ms_lib.make_config(**options)
-        return dataclasses.replace(cfg, name=config_name) if config_name else cfg
+        return dataclasses.replace(cfg, name=config_name) if config_name and config_name != cfg.name else cfg
     if dataset == "video_folder":
         return vf_lib.make_config(config_name, **options)
     raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")

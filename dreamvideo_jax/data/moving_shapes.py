@@ -225,16 +225,26 @@ _OPTION_KEYS = ("size", "frames", "num_train", "num_validation", "num_test", "se
                 "min_speed", "max_speed")  # fmt: skip
 
 
+_REGISTERED: dict = {}  # name -> the config object registered in MovingShapes.BUILDER_CONFIGS
+
+
+def _full_options(**options) -> dict:
+    return {k: int(options.get(k, getattr(MovingShapesConfig, k))) for k in _OPTION_KEYS}
+
+
 def config_name(**options) -> str:
     """'32px_8f_<hash>' where the hash covers every option (so a changed option never reuses a stale build)."""
-    full = {k: int(options.get(k, getattr(MovingShapesConfig, k))) for k in _OPTION_KEYS}
+    full = _full_options(**options)
     digest = hashlib.sha1(json.dumps(full, sort_keys=True).encode()).hexdigest()[:8]
     return f"{full['size']}px_{full['frames']}f_{digest}"
 
 
 def make_config(**options) -> MovingShapesConfig:
-    options = {k: int(v) for k, v in options.items() if k in _OPTION_KEYS}
-    cfg = MovingShapesConfig(name=config_name(**options), description=json.dumps(options, sort_keys=True), **options)
+    full = _full_options(**options)
+    registered = _REGISTERED.get(config_name(**full))
+    if registered is not None:  # tfds accepts a registered config's name only with that very object
+        return registered
+    cfg = MovingShapesConfig(name=config_name(**full), description=json.dumps(full, sort_keys=True), **full)
     cfg.spec.resolved()  # validate early
     return cfg
 
@@ -245,6 +255,7 @@ class MovingShapes(ArrayRecordBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
     BUILDER_CONFIGS = [make_config()]
+    _REGISTERED[BUILDER_CONFIGS[0].name] = BUILDER_CONFIGS[0]
     DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
 
     def __init__(self, *args, report: BuildReport | None = None, **kwargs):

@@ -174,6 +174,13 @@ class Attention(nn.Module):
             x = group_norm(self.norm_groups, self.norm_eps, "group_norm", **kw)(x)
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         context = x if context is None else context
+        batch = x.shape[0]
+        if context.shape[0] != batch:
+            # One context for each group of consecutive rows (e.g. the frames of a sample): attend per query
+            # row exactly as with a repeated context, projecting keys and values once per group.
+            if batch % context.shape[0]:
+                raise ValueError(f"context batch {context.shape[0]} does not divide query batch {batch}")
+            x = x.reshape((context.shape[0], -1) + x.shape[2:])
         out_dim = x.shape[-1]
         inner = self.heads * self.dim_head
         proj = lambda name, y: dense(inner, name, use_bias=self.qkv_bias, axes=(ax.EMBED, ax.HEADS), **kw)(y)
@@ -182,6 +189,8 @@ class Attention(nn.Module):
         o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=self.is_causal)
         o = o.reshape(o.shape[:-2] + (inner,))
         o = dense(out_dim, "to_out_0", axes=(ax.HEADS, ax.EMBED), **kw)(o)
+        if o.shape[0] != batch:
+            o = o.reshape((batch, -1) + o.shape[2:])
         if image_shape is not None:
             o = o.reshape(image_shape) + residual
         return o

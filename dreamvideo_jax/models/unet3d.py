@@ -230,8 +230,10 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
       extra_input: optional `(B, H, W, C0)` features added after conv_in to every frame (retention branch).
 
     Returns:
-      (h, skips, temb, context): mid output and skip tensors as `(B*F, h, w, c)`, and the per-frame time
-      embedding and text context (repeated over frames, batch-major).
+      (h, skips, temb, context): mid output and skip tensors as `(B*F, h, w, c)`, the per-frame time
+      embedding (repeated over frames, batch-major) and the text context `(B, L, D)`. The context is not
+      repeated per frame: cross-attention lets all frames of a sample attend to its one context (the same
+      result as diffusers' per-frame copies, with F times fewer key/value projections).
     """
     _check_video("sample", sample, cfg.in_channels)
     b, f = sample.shape[:2]
@@ -240,7 +242,7 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
     temb = L.timestep_embedding(timesteps, c0, flip_sin_to_cos=True, freq_shift=0).astype(rt.dtype)
     temb = L.TimestepEmbedding(4 * c0, name="time_embedding", **rt.kw)(temb)
     temb = jnp.repeat(temb, f, axis=0)
-    context = jnp.repeat(context.astype(rt.dtype), f, axis=0)
+    context = context.astype(rt.dtype)
 
     x = L.conv(c0, (3, 3), "conv_in", **rt.kw)(_frames_as_batch(sample.astype(rt.dtype)))
     if extra_input is not None:

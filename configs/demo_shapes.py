@@ -1,0 +1,77 @@
+"""The CPU demo: a tiny DreamVideo on moving shapes (32x32, 8 frames), trained in two stages as in the paper.
+
+Stage 1 (`get_config("t2v")`): a text-to-video base, the primary U-Net alone, all layers trained.
+Stage 2 (`get_config()`): DreamVideo initialised from stage 1 (retention branch = copy of its encoder),
+spatial layers frozen; the primary's temporal layers, the branch and image_conv are trained.
+
+  python -m dreamvideo_jax.demo --workdir=runs/demo          # both stages, then sampling and metrics
+  python -m dreamvideo_jax.train --config=configs/demo_shapes.py:t2v --workdir=runs/demo/stage1_t2v
+
+Pixel-space diffusion through a lossless space-to-depth x4 "autoencoder" (8x8x48 latents) keeps a step
+cheap enough for minutes of CPU training (../shared/DEMO_NOTES.md). The text encoder is a small random CLIP
+tower, frozen: captions stay distinguishable and the U-Net learns to read them.
+"""
+
+from configs import modelscope_t2v
+
+
+def get_config(arg=None):
+    stage = arg or "dreamvideo"
+    if stage not in ("t2v", "dreamvideo"):
+        raise ValueError(f"demo_shapes: config argument {stage!r}; use 't2v' or 'dreamvideo'")
+    config = modelscope_t2v.get_config()
+    config.num_frames = 8
+    config.height = 32
+    config.width = 32
+
+    m = config.model
+    m.vae_kind = "patch"
+    m.patch.patch_size = 4
+    m.patch.scaling_factor = 1.0
+    u = m.unet
+    u.in_channels = u.out_channels = 48
+    u.block_out_channels = (64, 64)
+    u.down_block_types = ("CrossAttnDownBlock3D", "DownBlock3D")
+    u.up_block_types = ("UpBlock3D", "CrossAttnUpBlock3D")
+    u.layers_per_block = 1
+    u.norm_num_groups = 16
+    u.attention_head_dim = 16
+    u.cross_attention_dim = 64
+    u.transformer_in_heads = 4
+    u.temporal_dropout = 0.0
+    m.retention.image_conv_channels = (16, 32, 64)
+    t = m.text
+    t.width, t.num_layers, t.num_heads, t.output_layer = 64, 2, 4, None
+
+    tr = config.train
+    tr.mode = stage
+    tr.prediction_type = "x0"
+    tr.num_steps = 800 if stage == "t2v" else 800
+    tr.batch_size = 16
+    tr.learning_rate = 1e-3
+    tr.warmup_steps = 100
+    tr.weight_decay = 0.0
+    tr.ema_decay = 0.995
+    tr.condition_dropout = 0.05
+    tr.checkpoint_every = 200
+    tr.keep_checkpoints = 1
+    tr.log_every = 50
+    config.mesh.data, config.mesh.fsdp = -1, 1
+
+    d = config.data
+    d.dataset = "moving_shapes"
+    d.frame_stride = 1
+    d.worker_count = 0
+    d.pad_id = 49407
+    d.build.size = 32
+    d.build.frames = 8
+
+    if "sample" not in config:
+        from dreamvideo_jax.sampling import config as sampling_config
+
+        config.sample = sampling_config.defaults()
+    s = config.sample
+    s.steps = 25
+    s.text_guidance = 4.0
+    s.image_guidance = 1.5
+    return config
