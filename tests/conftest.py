@@ -1,10 +1,14 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test setup, before jax is imported anywhere: 8 fake CPU devices, and LLVM optimisation level 0.
+
+The suite is compile-bound (tiny shapes, many distinct programs): level 0 compiles 1.5-3x faster while the
+tiny programs run slower by a few milliseconds. Numerics are unchanged (no fast-math either way).
+"""
 
 import os
 import sys
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
