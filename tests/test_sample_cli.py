@@ -80,16 +80,17 @@ def test_cli_end_to_end_in_a_subprocess_two_stages_gif(image_path, tmp_path):
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "dreamvideo_jax.sample", "--config=configs/tiny.py", "--random_init",
            f"--image={image_path}", "--prompt=a ball", "--prompt2=the ball stops", "--sampler=dpmpp_2m",
-           "--steps=2", "--num_frames=3", f"--output={out}", f"--save_latents={lat}", "--noprogress"]
+           "--steps=2", "--num_frames=3", "--height=32", "--width=24", f"--output={out}", f"--save_latents={lat}",
+           "--noprogress"]  # 32x24: larger than the 16x16 the tiny config trains at
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           close_fds=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gif = iio.imread(out, index=None)
-    assert gif.shape[:3] == (6, 16, 16)
+    assert gif.shape[:3] == (6, 32, 24)
     assert "compile" in proc.stdout and "ssim_to_input" in proc.stdout
     with np.load(lat) as z:
-        assert z["latents"].shape == (2, 3, 8, 8, 4) and list(z["prompts"]) == ["a ball", "the ball stops"]
-    assert np.asarray(Image.open(tmp_path / "two.png")).shape[0] == 2 * 16 + 2  # one row per stage
+        assert z["latents"].shape == (2, 3, 16, 12, 4) and list(z["prompts"]) == ["a ball", "the ball stops"]
+    assert np.asarray(Image.open(tmp_path / "two.png")).shape[0] == 2 * 32 + 2  # one row per stage
 
 
 def _run_main(args, tmp_path):

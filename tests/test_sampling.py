@@ -111,7 +111,6 @@ def test_same_seed_same_video_and_knobs_never_recompile(sampler, image):
     prompts = ["a red square moves right", ""]
     a = sampler.generate(image, prompts, steps=STEPS, seed=3)
     assert a.shape == (2, 4, 16, 16, 3) and a.dtype == np.uint8
-    assert sampler.timings.compiles >= 1 or sampler.compile_count >= 1
     with count_compilations() as events:
         b = sampler.generate(image, prompts, steps=STEPS, seed=3)
         c = sampler.generate(image, prompts, steps=STEPS + 2, seed=4, image_guidance=[0.5, 2.0],

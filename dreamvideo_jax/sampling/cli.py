@@ -110,6 +110,13 @@ def _peek_config(opts: Options, config) -> tuple[ml_collections.ConfigDict, str 
     stored = ck.read_workdir_config(root)
     if stored is None or not ck.is_workdir(root):
         raise I.InputError(name, path, "not a training workdir, WORKDIR/checkpoints/<step> or base checkpoint")
+    if config is not None and "model" in config:
+        from dreamvideo_jax.training import config as tc
+
+        diffs = tc.architecture_diff(stored.to_dict(), config)
+        if diffs:
+            log.warning("--config's architecture differs from the one stored in %s (%s); using the stored one",
+                        root, "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else ""))
     if config is not None and "sample" in config:
         stored.sample = ml_collections.ConfigDict(config.sample.to_dict())
     return stored, stored.get("train", {}).get("mode", "dreamvideo")

@@ -261,8 +261,10 @@ class Sampler:
 
         Args:
             images: uint8 pixels or floats in [-1, 1]; one image ``(H, W, 3)`` for every prompt, a batch
-                ``(B, H, W, 3)`` or a list of images of any sizes (each resized and centre-cropped). May be
-                ``None`` for a text-to-video model without first-frame replacement.
+                ``(B, H, W, 3)`` or a list of images of any sizes (each resized and centre-cropped). Floats are
+                quantised to uint8 first, so a float image and its uint8 rendering give the same video (and a
+                chain's later stages are conditioned exactly like its first). May be ``None`` for a
+                text-to-video model without first-frame replacement.
             prompts: one prompt or ``B`` prompts; ``""`` = text-unconditional.
             **kwargs: ``num_frames, height, width, image_guidance, text_guidance, steps, sampler, seed, eta,
                 first_frame_replacement, progress`` -- see :meth:`sample_latents`.
@@ -332,7 +334,7 @@ class Sampler:
             self.timings = Timings()
             req = self._request(current, stage_p, **{n: kwargs.get(n) for n in (
                 "num_frames", "height", "width", "image_guidance", "text_guidance", "steps", "sampler", "seed",
-                "eta", "first_frame_replacement")})
+                "eta", "first_frame_replacement")}, quiet=k > 0)
             if k == 0:
                 seeds = req.seeds[: req.batch]
             refs.append(req.images[: req.batch])
@@ -363,7 +365,7 @@ class Sampler:
     # Requests
 
     def _request(self, images, prompts, num_frames, height, width, image_guidance, text_guidance, steps, sampler,
-                 seed, eta, first_frame_replacement) -> _Request:
+                 seed, eta, first_frame_replacement, quiet: bool = False) -> _Request:
         o = self.options
         f0, h0, w0 = self.default_size()
         num_frames = I.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
@@ -394,7 +396,7 @@ class Sampler:
             if isinstance(images, (list, tuple)) and len(images) == 1 and b > 1:
                 images = images[0]
             images_u8 = I.as_uint8_images(images, height, width, batch=b)
-            if self.mode == "t2v" and not replace:
+            if self.mode == "t2v" and not replace and not quiet:
                 log.warning("the text-to-video model ignores the reference image; pass first_frame_replacement "
                             "(--first_frame_replacement) to start the video from it")
         image_scale = [I.check_guidance("image_guidance", float(v)) for v in
@@ -402,7 +404,7 @@ class Sampler:
                                     "image_guidance")]
         text_scale = [I.check_guidance("text_guidance", float(v)) for v in
                       I.per_sample(o.text_guidance if text_guidance is None else text_guidance, b, "text_guidance")]
-        if self.mode == "t2v" and any(s != 1.0 for s in image_scale):
+        if self.mode == "t2v" and any(s != 1.0 for s in image_scale) and not quiet:
             log.info("image_guidance has no effect on a text-to-video model (no image branch)")
         seeds = I.seeds_for(int(o.seed) if seed is None else seed, b)
         _, padded = self._mesh_for(b)
