@@ -18,6 +18,9 @@ Writes OUTPUT (.mp4 / .gif / .npz with `video` uint8 (F, H, W, 3)), OUTPUT_STEM.
 stage) and OUTPUT_STEM.json (settings, timings, drift). Unset flags take the config's `sample` defaults
 (`dreamvideo_jax/sampling/config.py`). Exit code 0 on success; 2 with a one-line `error: --flag=value: reason`
 on bad input.
+
+Compilation is reported apart from sampling. To reuse compiled programs across runs, set JAX's persistent cache,
+e.g. `JAX_COMPILATION_CACHE_DIR=~/.cache/jax` (tiny config on CPU: 21 s of compilation becomes 5 s).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ flags.DEFINE_integer("height", None, "Height in pixels (a multiple of the autoen
 flags.DEFINE_integer("width", None, "Width in pixels (a multiple of the autoencoder's factor).")
 flags.DEFINE_bool("first_frame_replacement", None, "Pin frame 0 to the reference image (image-to-video with a "
                   "text-to-video model).")
+flags.DEFINE_string("negative_prompt", None, "Text the guidance pushes away from (replaces the empty prompt of the "
+                    "unconditional branches).")
 flags.DEFINE_bool("drop_repeated_frame", False, "Leave out each later stage's first frame when joining stages.")
 flags.DEFINE_string("output", None, "Output video: .mp4, .gif or .npz.")
 flags.DEFINE_string("save_latents", None, "Also write the latents to this .npz as soon as they are sampled.")
@@ -70,7 +75,7 @@ flags.DEFINE_bool("progress", True, "Show a progress bar.")
 _OPTION_FLAGS = (
     "output", "image", "prompt", "prompt2", "stages", "prompts_file", "workdir", "checkpoint", "step", "ema",
     "random_init", "mode", "image_guidance", "text_guidance", "steps", "sampler", "seed", "eta", "num_frames",
-    "height", "width", "first_frame_replacement", "drop_repeated_frame", "save_latents", "fps",
+    "height", "width", "first_frame_replacement", "negative_prompt", "drop_repeated_frame", "save_latents", "fps",
     "decode_chunk_size", "loop", "batch_size", "tokenizer", "progress",
 )  # fmt: skip
 

@@ -116,11 +116,14 @@ def test_same_seed_same_video_and_knobs_never_recompile(sampler, image):
         c = sampler.generate(image, prompts, steps=STEPS + 2, seed=4, image_guidance=[0.5, 2.0],
                              text_guidance=9.0, eta=0.7)
         d = sampler.generate(image, prompts[::-1], steps=1, seed=3, image_guidance=1.0, text_guidance=1.0)
+        e = sampler.generate(image, prompts, steps=STEPS, seed=3, negative_prompt="blurry, static")
     assert events == [], f"{len(events)} XLA compilations after the first call"
     assert sampler.timings.compiles == 0 and sampler.timings.compile_s == 0.0
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).max() > 0
     assert d.shape == a.shape
+    assert np.abs(a.astype(int) - e.astype(int)).max() > 0
+    np.testing.assert_array_equal(a, sampler.generate(image, prompts, steps=STEPS, seed=3, negative_prompt=""))
 
 
 def test_each_sample_equals_its_solo_run_on_one_device_and_the_batch_on_eight(cfg, variables, sampler, image):

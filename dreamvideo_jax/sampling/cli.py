@@ -60,6 +60,7 @@ class Options:
     height: int | None = None
     width: int | None = None
     first_frame_replacement: bool | None = None
+    negative_prompt: str | None = None
     drop_repeated_frame: bool = False
     save_latents: str | None = None
     fps: float | None = None
@@ -71,7 +72,8 @@ class Options:
 
 
 _SAMPLE_FLAGS = ("image_guidance", "text_guidance", "steps", "sampler", "seed", "eta", "num_frames", "height",
-                 "width", "first_frame_replacement", "fps", "decode_chunk_size", "loop", "tokenizer")
+                 "width", "first_frame_replacement", "negative_prompt", "fps", "decode_chunk_size", "loop",
+                 "tokenizer")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -320,6 +322,7 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
         "seed": int(r["seed"]), "image_guidance": float(r.get("image_guidance", s.image_guidance)),
         "text_guidance": float(r.get("text_guidance", s.text_guidance)), "steps": int(s.steps),
         "sampler": s.sampler, "eta": float(s.eta), "first_frame_replacement": bool(s.first_frame_replacement),
+        "negative_prompt": s.negative_prompt,
         "mode": sampler.mode, "weights": loaded.source, "prediction_type": sampler.prediction_type,
         "drift": drift, "timings_of_batch": sampler.timings.as_dict(),
     }  # fmt: skip

@@ -37,6 +37,7 @@ def defaults() -> ml_collections.ConfigDict:
         # Image-to-video with a text-to-video model: replace frame 0 of the latents by the (noised) reference
         # latent at every step. Also usable with DreamVideo models (pins frame 0 to the reference exactly).
         first_frame_replacement=False,
+        negative_prompt="",  # text of the unconditional / image-only branches ('' = unconditional)
         decode_chunk_size=8,  # frames per sample decoded at once by the VAE (0 = all); lower to save memory
         fps=8.0,  # frame rate of written videos (ModelScope-T2V: 8)
         tokenizer="",  # CLIP tokenizer folder; '' = the checkpoint's tokenizer/ folder, else CLIP built offline

@@ -152,6 +152,7 @@ class _Request:
     sampler: str
     eta: float
     replace: bool
+    negative_prompt: str
 
 
 def _batch_size(images: Any, prompts: list, *per_sample: Any) -> int:
@@ -267,7 +268,7 @@ class Sampler:
                 text-to-video model without first-frame replacement.
             prompts: one prompt or ``B`` prompts; ``""`` = text-unconditional.
             **kwargs: ``num_frames, height, width, image_guidance, text_guidance, steps, sampler, seed, eta,
-                first_frame_replacement, progress`` -- see :meth:`sample_latents`.
+                first_frame_replacement, negative_prompt, progress`` -- see :meth:`sample_latents`.
         """
         latents = self.sample_latents(images, prompts, **kwargs)
         return self.decode(latents)
@@ -278,15 +279,17 @@ class Sampler:
                        text_guidance: float | Sequence[float] | None = None, steps: int | None = None,
                        sampler: str | None = None, seed: int | Sequence[int] | None = None,
                        eta: float | None = None, first_frame_replacement: bool | None = None,
-                       progress: bool = False, stage: int = 0) -> np.ndarray:
+                       negative_prompt: str | None = None, progress: bool = False, stage: int = 0) -> np.ndarray:
         """Denoised latents ``(B, F, h, w, C)`` float32, before decoding (save them: decoding is the memory peak).
 
         ``None`` arguments take ``config.sample``'s defaults. Guidance scales and seeds may be per sample.
+        ``negative_prompt`` replaces ``""`` as the text of the unconditional and image-only branches (one for
+        the whole batch), so guidance pushes away from it.
         ``stage`` selects the random stream of a chain's stage (0 for single clips).
         """
         self.timings = Timings()
         req = self._request(images, prompts, num_frames, height, width, image_guidance, text_guidance, steps,
-                            sampler, seed, eta, first_frame_replacement)
+                            sampler, seed, eta, first_frame_replacement, negative_prompt)
         latents = self._sample(req, stage, progress)
         return np.asarray(jax.device_get(latents))[: req.batch]
 
@@ -334,7 +337,7 @@ class Sampler:
             self.timings = Timings()
             req = self._request(current, stage_p, **{n: kwargs.get(n) for n in (
                 "num_frames", "height", "width", "image_guidance", "text_guidance", "steps", "sampler", "seed",
-                "eta", "first_frame_replacement")}, quiet=k > 0)
+                "eta", "first_frame_replacement", "negative_prompt")}, quiet=k > 0)
             if k == 0:
                 seeds = req.seeds[: req.batch]
             refs.append(req.images[: req.batch])
@@ -365,7 +368,7 @@ class Sampler:
     # Requests
 
     def _request(self, images, prompts, num_frames, height, width, image_guidance, text_guidance, steps, sampler,
-                 seed, eta, first_frame_replacement, quiet: bool = False) -> _Request:
+                 seed, eta, first_frame_replacement, negative_prompt=None, quiet: bool = False) -> _Request:
         o = self.options
         f0, h0, w0 = self.default_size()
         num_frames = I.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
@@ -376,6 +379,9 @@ class Sampler:
                               o.timestep_spacing, int(o.steps_offset))
         eta = I.check_eta(o.eta if eta is None else eta, sampler)
         replace = bool(o.first_frame_replacement if first_frame_replacement is None else first_frame_replacement)
+        negative = o.negative_prompt if negative_prompt is None else negative_prompt
+        if not isinstance(negative, str):
+            raise I.InputError("negative_prompt", negative, "must be a string")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise I.InputError("prompt", prompts, "no prompts given")
@@ -415,7 +421,7 @@ class Sampler:
             image_scale=np.asarray(_pad(image_scale, padded), np.float32),
             text_scale=np.asarray(_pad(text_scale, padded), np.float32),
             num_frames=num_frames, height=height, width=width, steps=steps, sampler=sampler, eta=eta,
-            replace=replace,
+            replace=replace, negative_prompt=negative,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------
@@ -513,15 +519,18 @@ class Sampler:
                             ("..." if len(p) > 80 else ""), n, self.context_length)
         return tok.tokenize(tokenizer, prompts, self.context_length, self.pad_id)
 
-    def _encode_text(self, mesh: Mesh, params: dict, prompts: list[str]) -> tuple[jax.Array, jax.Array]:
+    def _encode_text(self, mesh: Mesh, params: dict, prompts: list[str],
+                     negative: str = "") -> tuple[jax.Array, jax.Array]:
         ids = jax.device_put(self._tokens(prompts), self._batch_sharding(mesh, 2))
         enc = lambda p, i: self.text_encoder.apply({"params": p} if p else {}, i).astype(jnp.float32)  # noqa: E731
         exe = self._executable("text_encoder", enc, (params["text"], ids), (),
                                out_shardings=self._batch_sharding(mesh, 3))
         context = exe(params["text"], ids)
-        key = (self._mesh_key(mesh), len(prompts))
+        key = (self._mesh_key(mesh), len(prompts), negative)
         if key not in self._null:
-            null_ids = jax.device_put(self._tokens([""] * len(prompts)), self._batch_sharding(mesh, 2))
+            if len(self._null) > 16:
+                self._null.clear()
+            null_ids = jax.device_put(self._tokens([negative] * len(prompts)), self._batch_sharding(mesh, 2))
             null = exe(params["text"], null_ids)
             self._null[key] = jax.device_put(null[0], NamedSharding(mesh, P()))
         return context, self._null[key]
@@ -597,7 +606,7 @@ class Sampler:
         rep = NamedSharding(mesh, P())
 
         t0 = time.perf_counter()
-        context, null = self._encode_text(mesh, params, req.prompts)
+        context, null = self._encode_text(mesh, params, req.prompts, req.negative_prompt)
         jax.block_until_ready(context)
         self.timings.text_s += time.perf_counter() - t0 - self._last_compile_s
 
