@@ -91,8 +91,11 @@ def _flags_parser(argv):
     """absl's parser, but a bad flag (e.g. an unknown --config.x key) is one `error:` line and exit status 2."""
     try:
         return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - flags.Error, or config_flags' errors for unknown --config.x keys
+        msg = " ".join(str(e).split())
+        if not isinstance(e, flags.Error):
+            msg = f"{type(e).__name__}: {msg} (in the command-line flags; unknown --config key?)"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

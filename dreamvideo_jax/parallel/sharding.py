@@ -123,6 +123,20 @@ def global_batch(local_batch: dict, mesh: jax.sharding.Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
+def to_host(tree: Any) -> Any:
+    """Numpy copies of replicated (or fully addressable) arrays; works on every process of a multi-process run,
+    where `jax.device_get` refuses arrays spanning other processes' devices."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError(f"array of shape {x.shape} is sharded over other processes; gather it first")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
 def sharded_fraction(shardings: Any, abstract: Any) -> float:
     """Fraction of parameter elements stored sharded (not fully replicated): for tests and logs."""
     total = sharded = 0

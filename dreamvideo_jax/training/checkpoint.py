@@ -147,13 +147,12 @@ def load_base(path: str, *, target: Any = None) -> tuple[dict, ml_collections.Co
     if diffs:
         raise CheckpointError(f"base checkpoint {path} does not match the model: " + "; ".join(diffs[:8])
                               + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""))
-    full_target = dict(target)
-    for k in stored:  # keys not asked for are skipped cheaply via placeholders
-        if k not in full_target:
-            full_target[k] = jax.tree.map(lambda _: ocp.PLACEHOLDER, stored[k], is_leaf=lambda x: isinstance(x, tuple))
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                               dtype=a.dtype), target)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(params_path, full_target)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            params = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # noqa: BLE001 - reported with the path
         raise CheckpointError(f"base checkpoint {params_path} is unreadable: {_one_line(e)}") from e
     return {k: params[k] for k in target}, model_config
@@ -288,7 +287,9 @@ class Checkpointer:
 
     def save(self, state, data_state: Any, config: Any) -> None:
         """Starts saving `state` at its step (async); returns once device buffers are copied out."""
-        step = int(jax.device_get(state.step))
+        from dreamvideo_jax.parallel.sharding import to_host
+
+        step = int(to_host(state.step))
         items = dict(
             params=ocp.args.StandardSave(state.params),
             ema=ocp.args.StandardSave(state.ema),
@@ -340,7 +341,9 @@ class Checkpointer:
                 state = state.replace(**{k: out[k]})
         if "meta" in items:
             state = state.replace(step=out["meta"]["step"], rng=out["meta"]["rng"])
-            if int(jax.device_get(state.step)) != step:
+            from dreamvideo_jax.parallel.sharding import to_host
+
+            if int(to_host(state.step)) != step:
                 raise CheckpointError(f"checkpoint {self.step_path(step)} holds step {int(state.step)}")
         data_state = None
         if with_data and has_data:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from dreamvideo_jax.parallel.sharding import to_host
 from dreamvideo_jax.training import checkpoint as ck
 from dreamvideo_jax.training import config as tc
 from dreamvideo_jax.training import metrics as mt
@@ -262,6 +263,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     """
     config = ml_collections.ConfigDict(tc.to_dict(config))
     tc.check_config(config)
+    # Listen for SIGTERM from the start: a notice during start-up stops the run after its first step's checkpoint.
+    watcher = PreemptionWatcher()
+    try:
+        return _train(config, workdir, data_iterator, watcher)
+    finally:
+        watcher.close()
+
+
+def _train(config, workdir: str, data_iterator, watcher: PreemptionWatcher) -> TrainResult:
     t = config.train
     wd = prepare_workdir(workdir)
     stored_config = ck.read_workdir_config(os.fspath(wd))
@@ -274,26 +284,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
              tr.mesh.size, jax.process_count(), len(tr.comps.trainable_paths))
     ckpt = ck.Checkpointer(ck.checkpoint_dir(os.fspath(wd)), keep=int(t.keep_checkpoints),
                            keep_every=int(t.keep_every), use_async=bool(t.async_checkpointing))
-    watcher = None
     data_it = None
     writer = None
     try:
         state, frozen, data_state, source = _start(tr, config, wd, ckpt)
         _write_config(wd, config)
-        start_step = int(jax.device_get(state.step))
+        start_step = int(to_host(state.step))
         log.info("starting at step %d (%s)", start_step, source)
 
         data_it = data_iterator if data_iterator is not None else _data_iterator(config, None)
         if data_state is not None:
             data_it.set_state(data_state)
         writer = mt.MetricWriter(os.fspath(wd), resume_step=start_step)
-        watcher = PreemptionWatcher()
         result = _run(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step)
         result.source = source
         return result
     finally:
-        if watcher is not None:
-            watcher.close()
         if writer is not None:
             writer.close()
         if data_iterator is None and data_it is not None:
@@ -389,12 +395,12 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
     pending: tuple[int, Any] | None = None
     last_metrics: dict = {}
     preempted = False
-    t_log, steps_since_log, data_seconds = time.perf_counter(), 0, 0.0
+    t_log, data_seconds = time.perf_counter(), 0.0
     run_t0, run_steps = None, 0
 
     def check(item) -> None:
         s, m = item
-        m = jax.device_get(m)
+        m = to_host(m)
         if not bool(m["finite"]):
             if t.nonfinite == "stop":
                 raise mt.NonFiniteLossError(
@@ -405,6 +411,23 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
         acc.add(m)
         progress.update(1, loss=float(m["loss"]))
 
+    def log_metrics() -> dict:
+        nonlocal t_log, data_seconds
+        now = time.perf_counter()
+        n = max(acc.n, 1)
+        summary = acc.summary()
+        summary.update(
+            step_time=(now - t_log) / n,
+            examples_per_second=batch_size * n / max(now - t_log, 1e-9),
+            data_time=data_seconds / n,
+        )
+        writer.write(step, summary)
+        log.info("step %d: loss %.5f, grad_norm %.4g, lr %.3g, %.3f s/step", step, summary["loss"],
+                 summary["grad_norm"], summary["learning_rate"], summary["step_time"])
+        acc.reset()
+        t_log, data_seconds = now, 0.0
+        return summary
+
     try:
         while step < num_steps:
             t0 = time.perf_counter()
@@ -413,7 +436,7 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
             batch = tr.global_batch(local)
             if tr._compiled is None:
                 secs = tr.compile(state, frozen, batch)
-                log.info("compiled the train step in %.1f s", secs)
+                log.info("compiled the train step in %.1f s (tracing and lowering %.1f s)", secs, tr.lower_seconds)
                 t_log = time.perf_counter()
             state, metrics = tr.train_step(state, frozen, batch)
             step += 1
@@ -422,29 +445,20 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
             else:
                 run_steps += 1
             if pending is not None:
-                check(pending)
+                check(pending)  # the previous step: usually finished already, so this rarely waits
             pending = (step, metrics)
-            save = step % every == 0 or step == num_steps
-            stop = watcher.reached(step)
-            if save or stop or step % log_every == 0:
+            if step % log_every == 0 or step == num_steps:
                 check(pending)
                 pending = None
-            if step % log_every == 0 or step == num_steps or stop:
-                now = time.perf_counter()
-                n = max(acc.n, 1)
-                summary = acc.summary()
-                summary.update(
-                    step_time=(now - t_log) / n,
-                    examples_per_second=batch_size * n / max(now - t_log, 1e-9),
-                    data_time=data_seconds / n,
-                )
-                writer.write(step, summary)
-                last_metrics = summary
-                log.info("step %d: loss %.5f, grad_norm %.4g, lr %.3g, %.3f s/step", step, summary["loss"],
-                         summary["grad_norm"], summary["learning_rate"], summary["step_time"])
-                acc.reset()
-                t_log, data_seconds = now, 0.0
-            if save or stop:
+                last_metrics = log_metrics()
+            # Asked after the sync above, so a signal that came in during the step stops the run at this step.
+            stop = watcher.reached(step)
+            if step % every == 0 or step == num_steps or stop:
+                if pending is not None:
+                    check(pending)  # never checkpoint an update whose loss was not checked
+                    pending = None
+                    if stop:
+                        last_metrics = log_metrics()
                 ckpt.save(state, data_it.get_state() if hasattr(data_it, "get_state") else None, config)
             if stop:
                 preempted = True

@@ -68,6 +68,7 @@ class Trainer:
         self._init_fn = None
         self._state_fn = None
         self.compile_seconds = None
+        self.lower_seconds = None
 
     # -- parameters ------------------------------------------------------------------------------------------
 
@@ -127,7 +128,9 @@ class Trainer:
         """Ahead-of-time compile of the train step for these shapes; returns the seconds it took."""
         t0 = time.perf_counter()
         with self.context():
-            self._compiled = self._jit_step.lower(state, frozen, batch).compile()
+            lowered = self._jit_step.lower(state, frozen, batch)
+            self.lower_seconds = time.perf_counter() - t0
+            self._compiled = lowered.compile()
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
 
