@@ -11,6 +11,7 @@ import ml_collections
 from dreamvideo_jax.data import config as data_config
 from dreamvideo_jax.models.build import model_defaults
 from dreamvideo_jax.parallel import mesh as mesh_lib
+from dreamvideo_jax.sampling import config as sampling_config
 from dreamvideo_jax.training import config as train_config
 
 
@@ -39,4 +40,7 @@ def get_config(arg=None):
     config.data.width = config.get_ref("width")
     config.data.frame_stride = 4
     config.data.worker_count = 8
+    config.data.pad_id = 0  # ModelScope tokenised with open_clip.tokenize, which pads with 0
+
+    config.sample = sampling_config.defaults()  # DDIM 50 steps, ModelScope's timesteps
     return config

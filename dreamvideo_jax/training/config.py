@@ -136,6 +136,12 @@ def architecture(config) -> dict:
     """The part of a config that fixes the trainable/frozen parameter trees and the optimizer state layout."""
     d = _norm(to_dict(config))
     model = {k: v for k, v in d.get("model", {}).items() if k not in RUNTIME_MODEL_KEYS}
+    text = model.get("text")
+    if text:  # only the layers that run are built: 24 layers with output_layer 23 == 23 layers
+        layers = text.get("output_layer") or text.get("num_layers")
+        model["text"] = {**text, "num_layers": layers, "output_layer": layers}
+    if "retention" in model:  # a sampling-time knob, not a parameter shape
+        model["retention"] = {k: v for k, v in model["retention"].items() if k != "conditioning_scale"}
     train = d.get("train", {})
     mode = train.get("mode", "dreamvideo")
     pats = list(train.get("trainable") or DEFAULT_TRAINABLE[mode])
