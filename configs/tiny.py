@@ -3,7 +3,6 @@
   python -m dreamvideo_jax.train --config=configs/tiny.py --workdir=/tmp/dreamvideo_tiny
 """
 
-import ml_collections
 
 from configs import modelscope_t2v
 

@@ -8,7 +8,6 @@ otherwise usable video (``grayscale``, ``alpha``, ``partial_decode``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterator
 
