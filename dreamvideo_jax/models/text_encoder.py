@@ -48,13 +48,6 @@ class TextConfig:
     def layers_run(self) -> int:
         return self.num_layers if self.output_layer is None else self.output_layer
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"TextConfig: unknown keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
 
 
 class CLIPEmbeddings(nn.Module):

@@ -85,13 +85,6 @@ class UNetConfig:
                 ch.append(c)
         return ch
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

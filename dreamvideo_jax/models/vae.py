@@ -43,13 +43,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"VAEConfig: unknown keys {unknown}; known keys are {sorted(names)}")
-        return cls(**d)
 
 
 class _MidBlock(nn.Module):
