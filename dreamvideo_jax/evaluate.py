@@ -1,0 +1,119 @@
+"""Evaluate an image-to-video model: generate from real clips' first frames and captions, then compute the metrics.
+
+  python -m dreamvideo_jax.evaluate --workdir=/runs/dreamvideo --dataset=ucf101 --data_dir=/data \\
+      --num_samples=2048 --c3d_weights=/weights/c3d_ucf101.npz --clip_model=/weights/clip-vit-b-32 \\
+      --output=ucf101.json
+  # the moving-shapes demo (adds direction / identity / colour accuracy):
+  python -m dreamvideo_jax.evaluate --workdir=/runs/shapes --dataset=moving_shapes --num_samples=256 \\
+      --output=shapes.json
+  # smoke test with random weights:
+  python -m dreamvideo_jax.evaluate --config=configs/tiny.py --random_init --dataset=moving_shapes \\
+      --num_samples=4 --steps=2 --output=/tmp/metrics.json
+
+Datasets: ``moving_shapes`` (built on first use), ``video_folder`` (a build of ``dreamvideo_jax.data.build``),
+``ucf101`` / ``msrvtt`` (``video_folder`` builds named ``ucf101`` / ``msrvtt``: build them with
+``python -m dreamvideo_jax.data.build --dataset=video_folder --config_name=ucf101 --source_dir=... --data_dir=...``;
+``--config_name`` picks another name). Data come from ``--data_dir`` (default: the config's ``data.data_dir``).
+
+Metrics: FVD (I3D, clips of >= 9 frames), IS (C3D-UCF101, ``--c3d_weights``, 16-frame clips), FFF_CLIP and
+CLIP-SIM (``--clip_model``, a transformers CLIPModel folder), FFF_SSIM (always), and the moving-shapes metrics.
+Those whose network is missing are listed under ``skipped`` with the reason. OUTPUT also records N, frames,
+resolution, frame stride, sampler, steps, guidance, seed, dataset, split and checkpoint step.
+
+Resumable: the state is saved after every batch to OUTPUT.state.npz / OUTPUT.state.json; rerunning the same
+command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh).
+Exit code 0 on success; 2 with a one-line ``error: --flag=value: reason`` on bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py). Optional with --workdir/--checkpoint, whose stored config is used; "
+    "its `sample` and `data` sections still apply.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint (or --step).")
+flags.DEFINE_string("checkpoint", None, "WORKDIR/checkpoints/<step>, a training workdir, or a base checkpoint "
+                    "folder (converted pretrained weights).")
+flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
+flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw trained weights).")
+flags.DEFINE_bool("random_init", False, "Random weights (a smoke test; needs --config).")
+flags.DEFINE_string("mode", "auto", "auto | dreamvideo | t2v.")
+flags.DEFINE_string("dataset", None, "ucf101 | msrvtt | video_folder | moving_shapes.")
+flags.DEFINE_string("data_dir", None, "tfds data dir holding the build (default: the config's data.data_dir).")
+flags.DEFINE_string("config_name", None, "Build name (default: ucf101 / msrvtt for those datasets, else the "
+                    "config's data.config_name or the only build present).")
+flags.DEFINE_string("split", None, "Split to evaluate (default: the config's data.eval_split).")
+flags.DEFINE_integer("num_samples", None, "Number of clips (the first N of the split).")
+flags.DEFINE_string("output", None, "Metrics file (.json).")
+flags.DEFINE_integer("batch_size", 0, "Clips generated per batch (0 = the number of devices).")
+flags.DEFINE_integer("metric_batch_size", 8, "Batch size of the metric networks.")
+flags.DEFINE_integer("seed", None, "Seed; clip i uses seed + i.")
+flags.DEFINE_string("sampler", None, "ddim | dpmpp_2m.")
+flags.DEFINE_integer("steps", None, "Denoising steps.")
+flags.DEFINE_float("image_guidance", None, "Image guidance scale s_I (>= 0).")
+flags.DEFINE_float("text_guidance", None, "Text guidance scale s_T (>= 0).")
+flags.DEFINE_float("eta", None, "DDIM noise (0 = deterministic).")
+flags.DEFINE_integer("num_frames", None, "Frames generated (and real frames compared).")
+flags.DEFINE_integer("height", None, "Height in pixels.")
+flags.DEFINE_integer("width", None, "Width in pixels.")
+flags.DEFINE_bool("first_frame_replacement", None, "Pin frame 0 to the real first frame (text-to-video models).")
+flags.DEFINE_string("c3d_weights", None, "C3D-UCF101 weights file for IS (absent: IS skipped).")
+flags.DEFINE_string("clip_model", None, "transformers CLIPModel folder for FFF_CLIP / CLIP-SIM (absent: skipped).")
+flags.DEFINE_bool("fvd", True, "Compute FVD when clips are long enough (--nofvd: skip it).")
+flags.DEFINE_bool("shapes", None, "Moving-shapes metrics (default: on for --dataset=moving_shapes).")
+flags.DEFINE_bool("restart", False, "Discard a saved state of an earlier run instead of resuming it.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (and exit code 2) instead of absl's multi-line report."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(e)
+    except Exception as e:  # noqa: BLE001 - a broken --config file: report it in one line
+        _fail(f"--config: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+    for name in ("dataset", "num_samples", "output"):
+        if getattr(FLAGS, name) is None:
+            _fail(f"--{name} is required")
+    from dreamvideo_jax.evaluation import cli
+    from dreamvideo_jax.sampling.inputs import InputError
+    from dreamvideo_jax.training.checkpoint import CheckpointError
+
+    try:
+        cli.evaluate(
+            FLAGS.config, FLAGS.workdir, dataset=FLAGS.dataset, num_samples=FLAGS.num_samples, output=FLAGS.output,
+            checkpoint=FLAGS.checkpoint, step=FLAGS.step, use_ema=FLAGS.ema, random_init=FLAGS.random_init,
+            mode=FLAGS.mode, data_dir=FLAGS.data_dir, config_name=FLAGS.config_name, split=FLAGS.split,
+            batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler, steps=FLAGS.steps,
+            image_guidance=FLAGS.image_guidance, text_guidance=FLAGS.text_guidance, eta=FLAGS.eta,
+            num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
+            first_frame_replacement=FLAGS.first_frame_replacement, c3d_weights=FLAGS.c3d_weights,
+            clip_model=FLAGS.clip_model, i3d=FLAGS.fvd, shapes=FLAGS.shapes,
+            metric_batch_size=FLAGS.metric_batch_size, restart=FLAGS.restart, progress=FLAGS.progress,
+        )  # fmt: skip
+    except InputError as e:
+        _fail(e)
+    except CheckpointError as e:
+        _fail(f"--{'workdir' if FLAGS.workdir else 'checkpoint'}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

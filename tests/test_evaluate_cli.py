@@ -1,0 +1,109 @@
+"""`python -m dreamvideo_jax.evaluate` on the tiny config with random weights: the metrics file and its protocol
+fields, skipped metrics with reasons, resuming an interrupted run (same numbers as an uninterrupted one),
+refusing a state of other settings, and one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+
+from configs import tiny
+from dreamvideo_jax.evaluation import cli
+from dreamvideo_jax.sampling.inputs import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))  # moving_shapes is built here on first use
+
+
+def _run(output, data_dir, messages=None, **kw):
+    kw.setdefault("num_samples", 4)
+    kw.setdefault("steps", 2)
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("dataset", "moving_shapes")
+    echo = messages.append if messages is not None else (lambda *_: None)
+    return cli.evaluate(tiny.get_config(), None, random_init=True, output=str(output),
+                        data_dir=data_dir, progress=False, echo=echo, **kw)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_metrics_protocol_and_resume_after_an_interruption(data_dir, tmp_path):
+    full = _run(tmp_path / "full.json", data_dir)
+    assert full == json.loads((tmp_path / "full.json").read_text())
+    p = full["protocol"]
+    assert p["num_samples"] == p["num_videos"] == 4
+    assert (p["frames"], p["resolution"], p["stride"]) == (4, [16, 16], 1)
+    assert (p["sampler"], p["steps"]) == ("ddim", 2)
+    assert (p["image_guidance"], p["text_guidance"]) == (1.5, 7.5)
+    assert (p["dataset"], p["split"]) == ("moving_shapes", "validation")
+    assert "checkpoint_step" in p and p["weights"].startswith("random weights")
+    m = full["metrics"]
+    assert {"fff_ssim", "direction_accuracy", "identity_retention", "colour_accuracy"} <= set(m)
+    assert "I3D needs >= 9" in full["skipped"]["fvd"]
+    assert {"is", "fff_clip", "clip_sim"} <= set(full["skipped"]) and "fvd" not in m
+
+    # Interrupted after the first batch of 2 clips: the state holds them, and a rerun finishes the other 2.
+    out = tmp_path / "resumed.json"
+    seen = []
+
+    def stop(done):
+        seen.append(done)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(out, data_dir, on_batch=stop)
+    assert seen == [2] and not out.exists()
+    state_npz, state_json = cli.state_paths(str(out))
+    assert os.path.exists(state_npz) and os.path.exists(state_json)
+    messages, seen = [], []
+    resumed = _run(out, data_dir, messages, on_batch=seen.append)
+    assert seen == [4] and any("resuming after 2 of 4" in x for x in messages)
+    assert resumed["protocol"] == full["protocol"]
+    assert resumed["skipped"] == full["skipped"]
+    for k, v in full["metrics"].items():
+        np.testing.assert_allclose(resumed["metrics"][k], v, rtol=1e-6, err_msg=k)
+
+    # Other settings than the saved state's: refused before any weights are loaded.
+    with pytest.raises(InputError, match="other settings.*steps"):
+        _run(out, data_dir, steps=3)
+    with pytest.raises(InputError, match="already holds 4 clips"):
+        _run(out, data_dir, num_samples=2)
+
+
+def test_bad_inputs(data_dir, tmp_path):
+    with pytest.raises(InputError, match="--dataset=kinetics"):
+        _run(tmp_path / "x.json", data_dir, dataset="kinetics")
+    with pytest.raises(InputError, match="--output"):
+        _run(tmp_path / "x.txt", data_dir)
+    with pytest.raises(InputError, match="--dataset=ucf101: .*ucf101"):  # no such build in the data dir
+        _run(tmp_path / "x.json", data_dir, dataset="ucf101")
+
+
+def test_cli_missing_workdir_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "dreamvideo_jax.evaluate", f"--workdir={tmp_path}/nowhere",
+                        "--dataset=moving_shapes", "--num_samples=2", f"--output={tmp_path}/m.json"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert lines[-1] == f"error: --workdir={tmp_path}/nowhere: no such file or directory", r.stderr
+    assert "Traceback" not in r.stderr
