@@ -82,6 +82,11 @@ def test_metrics_protocol_and_resume_after_an_interruption(data_dir, tmp_path):
     for k, v in full["metrics"].items():
         np.testing.assert_allclose(resumed["metrics"][k], v, rtol=1e-6, err_msg=k)
 
+    # A finished evaluation rerun: the numbers again, without loading weights or generating.
+    messages = []
+    again = _run(out, data_dir, messages)
+    assert again == resumed and not any(x.startswith("weights:") for x in messages)
+
     # Other settings than the saved state's: refused before any weights are loaded.
     with pytest.raises(InputError, match="other settings.*steps"):
         _run(out, data_dir, steps=3)
@@ -94,7 +99,7 @@ def test_bad_inputs(data_dir, tmp_path):
         _run(tmp_path / "x.json", data_dir, dataset="kinetics")
     with pytest.raises(InputError, match="--output"):
         _run(tmp_path / "x.txt", data_dir)
-    with pytest.raises(InputError, match="--dataset=ucf101: .*ucf101"):  # no such build in the data dir
+    with pytest.raises(InputError, match="--dataset=ucf101: .*--config_name=ucf101"):  # no such build in the data dir
         _run(tmp_path / "x.json", data_dir, dataset="ucf101")
 
 

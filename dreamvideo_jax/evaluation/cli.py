@@ -160,7 +160,11 @@ def evaluate(config=None, workdir: str | None = None, *, dataset: str, num_sampl
     try:
         source = dp.open_source(data_cfg, split)
     except FileNotFoundError as e:
-        raise I.InputError("dataset", dataset, str(e)) from None
+        hint = ""
+        if DATASETS[dataset][1] is not None and not config_name:
+            hint = (f" (--dataset={dataset} reads the video_folder build named {DATASETS[dataset][1]!r}: build it "
+                    f"with --config_name={DATASETS[dataset][1]}, or pass --config_name)")
+        raise I.InputError("dataset", dataset, str(e) + hint) from None
     except ValueError as e:  # e.g. a split the build does not have
         raise I.InputError("split", split, str(e)) from None
     build_name = os.path.basename(os.path.dirname(dp.dataset_path(data_cfg)))
