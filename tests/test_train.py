@@ -26,6 +26,7 @@ from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.parallel import axes as ax
 from dreamvideo_jax.training import checkpoint as ck
 from dreamvideo_jax.training import loop
+from dreamvideo_jax.training import metrics as mt
 from dreamvideo_jax.training import state as st
 from dreamvideo_jax.training.trainer import Trainer
 
@@ -255,9 +256,10 @@ def env(tmp_path_factory):
 
     pipeline.dataset_path(_config(data_dir).data)  # build the tiny moving_shapes once
     e = dict(os.environ)
+    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     e.update(
         PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]),
         JAX_PLATFORMS="cpu",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
         JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
@@ -415,6 +417,65 @@ def test_corrupt_checkpoint_is_an_error_or_a_logged_fallback(env, reference_run,
     c.close()
     assert r.step == EVERY and any("cannot be restored" in m for m in caplog.messages)
     assert os.path.isdir(os.path.join(wd, "checkpoints_corrupt", str(NUM_STEPS)))
+
+
+def test_resume_order(env, reference_run, eight, tmp_path):
+    """workdir checkpoint -> config.resume -> config.init_from -> scratch (no step is compiled here)."""
+    tr = eight[0]
+    cfg = _config(env["data_dir"])
+    cfg.resume = os.path.join(reference_run, "checkpoints", str(EVERY))
+    cfg.init_from = reference_run  # ignored: resume comes first
+    wd = tmp_path / "resumed"
+    wd.mkdir()
+    c = ck.Checkpointer(ck.checkpoint_dir(str(wd)))
+    state, frozen, data_state, source = loop._start(tr, cfg, wd, c)
+    assert source == "resume" and int(sh.to_host(state.step)) == EVERY and data_state is not None
+    expect = _read_checkpoint(reference_run, EVERY)
+    got = st.flatten(jax.device_get(state.params))
+    assert all(np.array_equal(got[k], v) for k, v in st.flatten(expect["params"]).items())
+    assert ck.is_base(str(wd / "base"))  # the new workdir is self-contained
+    # With a checkpoint of its own, the workdir comes first.
+    c.save(state.replace(step=state.step + 1), data_state, cfg)
+    c.wait()
+    state, _, _, source = loop._start(tr, cfg, wd, c)
+    assert source == "workdir" and int(sh.to_host(state.step)) == EVERY + 1
+    c.close()
+    # init_from alone: a fresh state (step 0) whose trainable params are the source's EMA.
+    cfg.resume = ""
+    c = ck.Checkpointer(ck.checkpoint_dir(str(tmp_path / "fresh")))
+    state, _, data_state, source = loop._start(tr, cfg, tmp_path / "fresh", c)
+    c.close()
+    assert source == "init_from" and int(sh.to_host(state.step)) == 0 and data_state is None
+    ema = st.flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
+    got = st.flatten(jax.device_get(state.params))
+    assert all(np.array_equal(got[k], ema[k]) for k in got)
+
+
+def test_nonfinite_loss_stops_naming_the_step(one, tmp_path):
+    tr, params = one
+    trainable, frozen = tr.split(params)
+    state = tr.init_state(trainable)
+    bad = _batch(0)
+    bad["video"][0, 0, 0, 0, 0] = np.nan
+
+    class Data:
+        def __next__(self):
+            return bad
+
+        def get_state(self):
+            return {}
+
+    c = ck.Checkpointer(tmp_path / "checkpoints")
+    w = mt.MetricWriter(str(tmp_path))
+    watcher = loop.PreemptionWatcher()
+    try:
+        with pytest.raises(mt.NonFiniteLossError, match="at step 1 "):
+            loop._run(tr, tr.config, state, frozen, Data(), c, w, watcher, 0)
+    finally:
+        watcher.close()
+        w.close()
+        c.close()
+    assert c.all_steps() == []  # nothing was saved after the bad update
 
 
 def test_incompatible_config_unwritable_workdir_unknown_key(env, reference_run, tmp_path):
