@@ -33,19 +33,23 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
-def _write_error_log(workdir: str | None, text: str) -> None:
+def _write_error_log(workdir: str | None, text: str) -> str | None:
+    """Writes the traceback to WORKDIR/error.<process>.log when possible; returns that path."""
     if not workdir:
-        return
+        return None
     try:
         from etils import epath
 
         p = epath.Path(workdir)
-        if p.exists():
+        if p.is_dir():
             import jax
 
-            (p / f"error.{jax.process_index()}.log").write_text(text)
+            path = p / f"error.{jax.process_index()}.log"
+            path.write_text(text)
+            return str(path)
     except Exception:  # noqa: BLE001 - best effort only
         pass
+    return None
 
 
 class _QuietLibraries:
@@ -76,9 +80,9 @@ def main(argv) -> None:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except Exception as e:  # noqa: BLE001 - the CLI contract: one line on stderr, non-zero exit
         text = traceback.format_exc()
-        logging.error("training failed:\n%s", text)
-        _write_error_log(FLAGS.workdir, text)
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        logging.debug("training failed:\n%s", text)  # shown with --verbosity=1
+        where = _write_error_log(FLAGS.workdir, text)
+        print(f"error: {_one_line(e)}" + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
         sys.exit(1)
     state = "stopped on request" if result.preempted else "done"
     loss = result.last_metrics.get("loss")
@@ -93,8 +97,10 @@ def _flags_parser(argv):
         return FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - flags.Error, or config_flags' errors for unknown --config.x keys
         msg = " ".join(str(e).split())
-        if not isinstance(e, flags.Error):
-            msg = f"{type(e).__name__}: {msg} (in the command-line flags; unknown --config key?)"
+        if isinstance(e, (AttributeError, KeyError)):
+            msg = f"unknown config key {msg} in the --config.* flags"
+        elif not isinstance(e, flags.Error):
+            msg = f"{type(e).__name__}: {msg} (in the command-line flags)"
         print(f"error: {msg}", file=sys.stderr, flush=True)
         sys.exit(2)
 
