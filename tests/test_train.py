@@ -559,6 +559,19 @@ def test_init_from_t2v_workdir_copies_unet_into_retention(two_process_run, one):
     assert jax.tree.all(jax.tree.map(np.array_equal, params2["model"], params["model"]))
 
 
+def test_init_from_t2v_source_ignores_retention_settings_but_not_unet_ones():
+    """A text-to-video source has no retention branch, so stage 2 may choose any branch settings."""
+    src, cfg = _config(), _config()
+    src.train.mode = "t2v"
+    cfg.model.retention.image_input = "latent"
+    loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
+    with pytest.raises(loop.IncompatibleConfigError, match="model.retention.image_input"):
+        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=True)
+    cfg.model.unet.layers_per_block = int(src.model.unet.layers_per_block) + 1
+    with pytest.raises(loop.IncompatibleConfigError, match="model.unet.layers_per_block"):
+        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
+
+
 def test_tpu_launch_dry_run():
     cmd = ["bash", os.path.join(ROOT, "launch", "tpu", "pod.sh"), "all", "--dry_run", "--name=dv", "--zone=us-central2-b",
            "--project=proj", "--accelerator=v4-32", "--version=tpu-ubuntu2204-base", "--workdir=gs://b/runs/dv",

@@ -164,8 +164,11 @@ def _params_from_base_dict(tr: Trainer, base: dict, fallback: dict | None = None
     return out
 
 
-def _check_model_config(stored: ml_collections.ConfigDict, config, what: str) -> None:
+def _check_model_config(stored: ml_collections.ConfigDict, config, what: str, source_has_branch: bool = True) -> None:
     fake = {"model": stored.to_dict(), "train": tc.to_dict(config.train)}
+    if not source_has_branch and "retention" in config.model:
+        # A text-to-video source has no retention branch: its settings cannot conflict with ours.
+        fake["model"]["retention"] = tc.to_dict(config.model.retention)
     _check_compatible(fake, config, what)
 
 
@@ -179,7 +182,8 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
     src_has_branch = False
     if ck.is_workdir(path):
         src_config = ck.read_workdir_config(path)
-        _check_model_config(src_config.model, config, f"init_from workdir {path}")
+        _check_model_config(src_config.model, config, f"init_from workdir {path}",
+                            source_has_branch=src_config.train.get("mode") != "t2v")
         base_path = os.fspath(epath.Path(path) / ck.BASE_DIR)
         stored = set(ck.base_shapes(base_path))
         want = set(_base_target(tr)) & stored
