@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreamvideo_jax.models.remat import remat
 from dreamvideo_jax.parallel import axes as ax
 
 Dtype = Any
@@ -224,22 +225,28 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, then cross-attention to `context` (or a second self-attention), then GEGLU FF."""
+    """Self-attention, then cross-attention to `context` (or a second self-attention), then GEGLU FF.
+
+    `remat_policy` (a `jax.checkpoint_policies` name) makes each attention and the feed-forward a separate
+    rematerialisation region (the U-Net's finest remat granularity); None: no remat.
+    """
 
     heads: int
     dim_head: int
     double_self_attention: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None
 
     @nn.compact
     def __call__(self, x, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: Attention(self.heads, self.dim_head, name=name, **kw)
+        attn = lambda name: remat(Attention, self.remat_policy)(self.heads, self.dim_head, name=name, **kw)
         x = attn("attn1")(layer_norm(1e-5, "norm1", **kw)(x)) + x
         ctx = None if self.double_self_attention else context
         x = attn("attn2")(layer_norm(1e-5, "norm2", **kw)(x), ctx) + x
-        return FeedForward(name="ff", **kw)(layer_norm(1e-5, "norm3", **kw)(x)) + x
+        ff = remat(FeedForward, self.remat_policy)(name="ff", **kw)
+        return ff(layer_norm(1e-5, "norm3", **kw)(x)) + x
 
 
 class Transformer2D(nn.Module):
@@ -250,6 +257,7 @@ class Transformer2D(nn.Module):
     norm_groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None  # see BasicTransformerBlock
 
     @nn.compact
     def __call__(self, x, context):
@@ -258,7 +266,8 @@ class Transformer2D(nn.Module):
         inner = self.heads * self.dim_head
         y = group_norm(self.norm_groups, 1e-6, "norm", **kw)(x).reshape(n, h * w, c)
         y = dense(inner, "proj_in", **kw)(y)
-        y = BasicTransformerBlock(self.heads, self.dim_head, name="transformer_blocks_0", **kw)(y, context)
+        y = BasicTransformerBlock(self.heads, self.dim_head, name="transformer_blocks_0",
+                                  remat_policy=self.remat_policy, **kw)(y, context)
         y = dense(c, "proj_out", axes=(ax.MLP, ax.EMBED), **kw)(y)
         return y.reshape(n, h, w, c) + x
 
@@ -276,6 +285,7 @@ class TransformerTemporal(nn.Module):
     num_frames: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat_policy: Optional[str] = None  # see BasicTransformerBlock
 
     @nn.compact
     def __call__(self, x):
@@ -288,7 +298,8 @@ class TransformerTemporal(nn.Module):
         y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, f, c)
         y = dense(inner, "proj_in", **kw)(y)
         y = BasicTransformerBlock(
-            self.heads, self.dim_head, double_self_attention=True, name="transformer_blocks_0", **kw
+            self.heads, self.dim_head, double_self_attention=True, name="transformer_blocks_0",
+            remat_policy=self.remat_policy, **kw
         )(y)
         y = dense(c, "proj_out", zero_init=True, axes=(ax.MLP, ax.EMBED), **kw)(y)
         y = y.reshape(b, h, w, f, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c)

@@ -89,7 +89,14 @@ class UNetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """Non-architectural knobs shared by every block: dtypes, training mode, remat."""
+    """Non-architectural knobs shared by every block: dtypes, training mode, remat.
+
+    With `remat` on, every ResnetBlock and TemporalConvLayer, and inside every transformer (`transformer_in`
+    included) each attention and the feed-forward, is a rematerialisation region (`models/remat.py`; policy
+    `remat_policy`): the backward keeps only the regions' inputs and recomputes one region at a time.
+    Checkpointing whole down/mid/up blocks with `nn.remat` instead saved no memory (1.00x): XLA:CPU drops the
+    CSE barriers, and a block's recompute holds all its internals (WORKSPACE.md, benchmark section).
+    """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -101,29 +108,29 @@ class Runtime:
     def kw(self):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    @property
+    def policy(self) -> Optional[str]:
+        """The remat policy name when remat is on, else None (what `L.remat` and the transformers take)."""
+        return self.remat_policy if self.remat else None
+
     def wrap(self, cls):
-        """`nn.remat(cls)` with the configured policy when remat is on."""
-        if not self.remat:
-            return cls
-        policy = getattr(jax.checkpoint_policies, self.remat_policy, None)
-        if policy is None:
-            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; use a name of jax.checkpoint_policies")
-        return nn.remat(cls, policy=policy)
+        """`nn.remat(cls)` with the configured policy when remat is on (parameter names are unchanged)."""
+        return L.remat(cls, self.policy)
 
 
 def _layer(cfg: UNetConfig, rt: Runtime, i: int, x, temb, context, out_channels: int, num_frames: int,
            has_attn: bool):
     """resnets_i -> temp_convs_i [-> attentions_i -> temp_attentions_i], created under the calling module."""
     heads = out_channels // cfg.attention_head_dim
-    x = L.ResnetBlock(out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
-                      name=f"resnets_{i}", **rt.kw)(x, temb)
-    x = L.TemporalConvLayer(num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout, rt.deterministic,
-                            name=f"temp_convs_{i}", **rt.kw)(x)
+    x = rt.wrap(L.ResnetBlock)(out_channels, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout,
+                               rt.deterministic, name=f"resnets_{i}", **rt.kw)(x, temb)
+    x = rt.wrap(L.TemporalConvLayer)(num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
+                                     rt.deterministic, name=f"temp_convs_{i}", **rt.kw)(x)
     if has_attn:
         x = L.Transformer2D(heads, cfg.attention_head_dim, cfg.norm_num_groups, name=f"attentions_{i}",
-                            **rt.kw)(x, context)
+                            remat_policy=rt.policy, **rt.kw)(x, context)
         x = L.TransformerTemporal(heads, cfg.attention_head_dim, cfg.norm_num_groups, num_frames,
-                                  name=f"temp_attentions_{i}", **rt.kw)(x)
+                                  name=f"temp_attentions_{i}", remat_policy=rt.policy, **rt.kw)(x)
     return L.constrain_frames(x)
 
 
@@ -162,18 +169,19 @@ class MidBlock3D(nn.Module):
         cfg, rt = self.cfg, self.rt
         c = x.shape[-1]
         heads = c // cfg.attention_head_dim
-        x = L.ResnetBlock(c, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
-                          name="resnets_0", **rt.kw)(x, temb)
-        x = L.TemporalConvLayer(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
-                                rt.deterministic, name="temp_convs_0", **rt.kw)(x)
+        resnet, temp_conv = rt.wrap(L.ResnetBlock), rt.wrap(L.TemporalConvLayer)
+        x = resnet(c, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
+                   name="resnets_0", **rt.kw)(x, temb)
+        x = temp_conv(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
+                      rt.deterministic, name="temp_convs_0", **rt.kw)(x)
         x = L.Transformer2D(heads, cfg.attention_head_dim, cfg.norm_num_groups, name="attentions_0",
-                            **rt.kw)(x, context)
+                            remat_policy=rt.policy, **rt.kw)(x, context)
         x = L.TransformerTemporal(heads, cfg.attention_head_dim, cfg.norm_num_groups, self.num_frames,
-                                  name="temp_attentions_0", **rt.kw)(x)
-        x = L.ResnetBlock(c, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
-                          name="resnets_1", **rt.kw)(x, temb)
-        x = L.TemporalConvLayer(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
-                                rt.deterministic, name="temp_convs_1", **rt.kw)(x)
+                                  name="temp_attentions_0", remat_policy=rt.policy, **rt.kw)(x)
+        x = resnet(c, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
+                   name="resnets_1", **rt.kw)(x, temb)
+        x = temp_conv(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
+                      rt.deterministic, name="temp_convs_1", **rt.kw)(x)
         return L.constrain_frames(x)
 
 
@@ -242,14 +250,14 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
         x = x + jnp.repeat(extra_input.astype(rt.dtype), f, axis=0)
     x = L.constrain_frames(x)
     x = L.TransformerTemporal(cfg.transformer_in_heads, cfg.attention_head_dim, cfg.norm_num_groups, f,
-                              name="transformer_in", **rt.kw)(x)
+                              name="transformer_in", remat_policy=rt.policy, **rt.kw)(x)
     skips = [x]
     n = len(cfg.block_out_channels)
     for i, (kind, ch) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
-        block = rt.wrap(DownBlock3D)(cfg, rt, ch, f, kind == CROSS_DOWN, i < n - 1, name=f"down_blocks_{i}")
+        block = DownBlock3D(cfg, rt, ch, f, kind == CROSS_DOWN, i < n - 1, name=f"down_blocks_{i}")
         x, block_skips = block(x, temb, context)
         skips += list(block_skips)
-    x = rt.wrap(MidBlock3D)(cfg, rt, f, name="mid_block")(x, temb, context)
+    x = MidBlock3D(cfg, rt, f, name="mid_block")(x, temb, context)
     return x, skips, temb, context
 
 
@@ -284,7 +292,7 @@ class UNet3D(nn.Module):
             block_skips, skips = skips[-per_block:], skips[:-per_block]
             # Upsample to the size of the next block's skips (handles sizes that are not multiples of 2**n).
             up_size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
-            block = rt.wrap(UpBlock3D)(cfg, rt, rev_channels[i], f, kind == CROSS_UP, up_size, name=f"up_blocks_{i}")
+            block = UpBlock3D(cfg, rt, rev_channels[i], f, kind == CROSS_UP, up_size, name=f"up_blocks_{i}")
             x = block(x, temb, context, tuple(block_skips))
             x = L.constrain_frames(x)
 
