@@ -1,6 +1,7 @@
 """Performance benchmarks of the DreamVideo U-Net + image-retention branch, side by side with PyTorch/diffusers.
 
   python -m dreamvideo_jax.benchmark [--suite=train|sample|memory|scaling|fullsize|all] [--output=FILE.json] [--quick]
+  python -m dreamvideo_jax.benchmark --suite=config --config=configs/demo_shapes.py:t2v [--steps=10]
 
 Suites (every timing is the median of N repeats after warm-up, both frameworks in the same process, float32, the
 same number of CPU threads; the machines are noisy, so compare the ratios, not absolute times):
@@ -12,12 +13,20 @@ same number of CPU threads; the machines are noisy, so compare the ratios, not a
            FLOP/s of our train step (XLA cost analysis / time) vs the f32 matmul peak measured in the same run.
 * sample   25 DDIM steps with double (text + image) guidance: `diffusion.samplers.sample` (one batched 3B forward
            per step) vs a diffusers-style loop (three torch forwards per step + DDIM arithmetic).
-* memory   compiled temp memory of the train step with and without remat and their time ratio; per-device
+* memory   compiled temp memory of the train step with and without remat (`config.model.remat`, every layer
+           rematerialised, models/remat.py) and their time ratio; per-device
            parameter + optimizer bytes of the full-size model under FSDP on 1/2/4/8 fake CPU devices (abstract
            shapes in a subprocess, nothing allocated).
 * scaling  our train-step time vs frames and latent size.
 * fullsize configs/modelscope_t2v.py at 256x256x16: parameter counts, FLOPs per train step and per sampling step from
            AOT lowering on abstract shapes, and estimated step time / videos per second on TPU v5p / v5e slices.
+* config   the real train step of one config file (frozen VAE + text encoder, trainable subset, sharded, on random
+           batches; `train_step_benchmark`), as `python -m dreamvideo_jax.training.benchmark` prints it. Not in
+           `all`.
+
+`all` runs the first five in one process; the suites share the compiled train step and its parameters, and the
+PyTorch models are freed as soon as their suite ends. Each suite's wall time is in the table and the JSON
+(`suite_wall_s`).
 
 Results go to the JSON file as nested dicts, e.g. {"train": {"train_step": {"ours_s", "torch_s", "ratio"}, ...}}.
 Ratios are ours / torch (below 1 = we are faster).
@@ -39,7 +48,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-SUITES = ("train", "sample", "memory", "scaling", "fullsize")
+SUITES = ("train", "sample", "memory", "scaling", "fullsize")  # --suite=all
+EXTRA_SUITES = ("config",)
 
 # Assumed TPU peaks (dense bf16 FLOP/s per chip) and model FLOP utilisation for the full-size estimates.
 TPU_PEAK_BF16 = {"v5p": 459e12, "v5e": 197e12}
@@ -75,12 +85,15 @@ def sizes(quick: bool) -> dict:
         return dict(channels=(32, 64), layers=1, frames=8, hw=16, batch=1, repeats=2,
                     sample=dict(channels=(32, 64), layers=1, frames=4, hw=8, batch=1, steps=25),
                     scaling=dict(frames=(4, 8), hw=(8, 16)), matmul=1024)
-    return dict(channels=(64, 128, 256), layers=2, frames=16, hw=32, batch=2, repeats=3,
+    # Without remat the train step at 16 frames x 32^2 x batch 2 needs 23.5 GiB of XLA temp memory (compiled
+    # memory analysis; 5.8 GiB with remat): too much for a 24 GiB machine next to PyTorch, so batch 1 x 8 frames.
+    return dict(channels=(64, 128, 256), layers=2, frames=8, hw=32, batch=1, repeats=3,
                 sample=dict(channels=(32, 64, 128), layers=2, frames=8, hw=16, batch=1, steps=25),
                 scaling=dict(frames=(8, 16, 32), hw=(16, 32, 64)), matmul=2048)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls of `fn` (which must wait for its result) after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -88,7 +101,28 @@ def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    return statistics.median(time_calls(fn, repeats, warmup))
+
+
+def compiled_flops(compiled_or_lowered) -> float:
+    """FLOPs from XLA's cost analysis of a `jax.stages.Compiled` or `Lowered` (0 if the backend has none)."""
+    ca = compiled_or_lowered.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    return float((ca or {}).get("flops", 0.0))
+
+
+def compiled_memory(compiled) -> dict:
+    """Argument / output / temp / alias bytes of a compiled executable ({} if the backend reports none)."""
+    try:
+        ma = compiled.memory_analysis()
+        return {k: int(getattr(ma, k)) for k in
+                ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")}
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return {}
 
 
 def _threads() -> int:
@@ -102,7 +136,9 @@ def _threads() -> int:
 class JaxBench:
     """Compiled forward / train step of `DreamVideo` for one model config and input shape."""
 
-    def __init__(self, m, batch, frames, hw, seed=0):
+    def __init__(self, m, batch, frames, hw, seed=0, params=None):
+        """`params`: a parameter tree to copy instead of initialising (parameters do not depend on the input
+        shape or on remat, so the suites share one initialisation)."""
         import jax
         import jax.numpy as jnp
         import optax
@@ -110,9 +146,11 @@ class JaxBench:
         from dreamvideo_jax.models.build import build_dreamvideo, init_dreamvideo, latent_channels, retention_config
 
         self.model = build_dreamvideo(m)
-        self.variables = init_dreamvideo(m, jax.random.key(seed))
-        # Random (not zero) zero-convs so the residual path does real work numerically too.
-        self.params = self.variables["params"]
+        if params is None:
+            params = init_dreamvideo(m, jax.random.key(seed))["params"]
+        else:  # a copy: the train step donates its parameters
+            params = jax.tree_util.tree_map(jnp.copy, params)
+        self.params = params
         c = latent_channels(m)
         f = retention_config(m).image_downsample_factor
         k = jax.random.split(jax.random.key(seed + 1), 4)
@@ -148,16 +186,14 @@ class JaxBench:
         self.compile_s = time.perf_counter() - t0
 
     def train_flops(self) -> float:
-        ca = self.train_compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        return float(ca.get("flops", 0.0))
+        return compiled_flops(self.train_compiled)
 
     def memory(self) -> dict:
-        ma = self.train_compiled.memory_analysis()
-        return dict(temp_bytes=int(ma.temp_size_in_bytes), argument_bytes=int(ma.argument_size_in_bytes),
-                    output_bytes=int(ma.output_size_in_bytes))
+        ma = compiled_memory(self.train_compiled)
+        return dict(temp_bytes=ma["temp_size_in_bytes"], argument_bytes=ma["argument_size_in_bytes"],
+                    output_bytes=ma["output_size_in_bytes"])
 
-    def time_train(self, repeats) -> float:
+    def time_train(self, repeats, warmup=1) -> float:
         state = {"p": self.params, "o": self.opt_state}
 
         def run():
@@ -165,7 +201,7 @@ class JaxBench:
             loss.block_until_ready()
             state["p"], state["o"] = p, o
 
-        t = _median_time(run, repeats)
+        t = _median_time(run, repeats, warmup)
         self.params, self.opt_state = state["p"], state["o"]
         return t
 
@@ -281,8 +317,7 @@ def suite_train(s, cache) -> dict:
     import torch
 
     m = bench_model_config(s["channels"], s["layers"])
-    jb = cache.get("bench") or JaxBench(m, s["batch"], s["frames"], s["hw"])
-    cache["bench"] = jb
+    jb = _bench(cache, m, s)
     ours_fwd = jb.time_forward(s["repeats"])
     ours_train = jb.time_train(s["repeats"])
 
@@ -305,7 +340,10 @@ def suite_train(s, cache) -> dict:
     torch_train_s = _median_time(torch_step, s["repeats"])
     n_ours = sum(int(np.prod(x.shape)) for x in _leaves(jb.params))
     n_torch = sum(p.numel() for p in tm.parameters())
+    opt.zero_grad(set_to_none=True)
 
+    del tm, opt, inp, target
+    _free_torch()
     flops = jb.train_flops()
     peak = _matmul_peak(s["matmul"], s["repeats"])
     achieved = flops / ours_train if ours_train > 0 else 0.0
@@ -324,6 +362,36 @@ def suite_train(s, cache) -> dict:
             "matmul_n": peak["n"],
         },
     }
+
+
+def _free_torch() -> None:
+    """Return the PyTorch side's freed memory before the JAX side allocates (glibc keeps freed arenas)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _bench(cache, m, s, frames=None, hw=None) -> "JaxBench":
+    """The shared `JaxBench` of the suite sizes (compiled once for train / memory / scaling), or a new one for
+    other shapes or configs that copies the shared parameters."""
+    frames, hw = frames or s["frames"], hw or s["hw"]
+    shared = (frames, hw) == (s["frames"], s["hw"]) and not m.remat
+    if shared and "bench" in cache:
+        return cache["bench"]
+    jb = JaxBench(m, s["batch"], frames, hw, params=cache.get("params"))
+    if "params" not in cache:  # an untouched copy (the benches' own parameters are donated to their steps)
+        import jax
+        import jax.numpy as jnp
+
+        cache["params"] = jax.tree_util.tree_map(jnp.copy, jb.params)
+    if shared:
+        cache["bench"] = jb
+    return jb
 
 
 def _ratio(ours, torch_s) -> dict:
@@ -396,7 +464,11 @@ def suite_sample(s, cache) -> dict:
                 x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
         return x
 
-    torch_s = _median_time(reference, max(1, s["repeats"] - 1), warmup=1)
+    with torch.no_grad():  # warm-up: one forward (a whole sampling run as warm-up cost minutes under load)
+        tm(inp["sample"], torch.full((b,), ts[0], dtype=torch.long), inp["ctx"], inp["image"])
+    torch_s = _median_time(reference, max(1, s["repeats"] - 1), warmup=0)
+    del tm, inp
+    _free_torch()
     out = _ratio(ours_s, torch_s)
     out["ours_first_call_s"] = first
     return {"config": dict(channels=list(c["channels"]), layers_per_block=c["layers"], frames=f, latent=hw, batch=b, steps=steps,
@@ -405,13 +477,18 @@ def suite_sample(s, cache) -> dict:
 
 def suite_memory(s, cache) -> dict:
     m = bench_model_config(s["channels"], s["layers"])
-    jb = cache.get("bench") or JaxBench(m, s["batch"], s["frames"], s["hw"])
-    cache["bench"] = jb
+    jb = _bench(cache, m, s)
     mr = bench_model_config(s["channels"], s["layers"], remat=True)
-    jr = JaxBench(mr, s["batch"], s["frames"], s["hw"])
+    jr = _bench(cache, mr, s)
     base_mem, remat_mem = jb.memory(), jr.memory()
-    t_base = jb.time_train(s["repeats"])
-    t_remat = jr.time_train(s["repeats"])
+    # Alternate the two steps so that load changes on a shared machine hit both alike.
+    jb.time_train(1), jr.time_train(1)  # warm-up (the remat step's first run)
+    t_base, t_remat = [], []
+    for _ in range(s["repeats"]):
+        t_base.append(jb.time_train(1, warmup=0))
+        t_remat.append(jr.time_train(1, warmup=0))
+    t_base, t_remat = statistics.median(t_base), statistics.median(t_remat)
+    remat_compile_s, remat_flops = jr.compile_s, jr.train_flops()
     del jr
     fsdp = _fsdp_subprocess()
     return {
@@ -420,6 +497,7 @@ def suite_memory(s, cache) -> dict:
             "temp_bytes_no_remat": base_mem["temp_bytes"], "temp_bytes_remat": remat_mem["temp_bytes"],
             "temp_reduction": base_mem["temp_bytes"] / max(1, remat_mem["temp_bytes"]),
             "time_no_remat_s": t_base, "time_remat_s": t_remat, "time_ratio": t_remat / t_base,
+            "flops_no_remat": jb.train_flops(), "flops_remat": remat_flops, "compile_remat_s": remat_compile_s,
         },
         "fsdp": fsdp,
     }
@@ -498,10 +576,7 @@ def suite_scaling(s, cache) -> dict:
         if (f, h) in seen:
             continue
         seen.add((f, h))
-        if (f, h) == (s["frames"], s["hw"]) and "bench" in cache:
-            jb = cache["bench"]
-        else:
-            jb = JaxBench(m, s["batch"], f, h)
+        jb = _bench(cache, m, s, f, h)
         t = jb.time_train(max(1, s["repeats"] - 1))
         rows.append({"frames": f, "latent": h, "train_step_s": t, "flops": jb.train_flops(),
                      "s_per_gflop": t / max(jb.train_flops(), 1) * 1e9})
@@ -597,10 +672,29 @@ def suite_fullsize(s, cache) -> dict:
     }
 
 
-def _lowered_flops(lowered) -> float:
-    ca = lowered.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    return float(ca.get("flops", 0.0))
+_lowered_flops = compiled_flops
+
+
+def load_config(spec: str):
+    """`configs/X.py[:arg]` -> `get_config(arg)` of that file (as absl's config_flags reads --config)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    mod_spec = importlib.util.spec_from_file_location(f"_bench_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def suite_config(s, cache, config_spec: str = "", steps: int = 10) -> dict:
+    """The real train step of one config file (see dreamvideo_jax/training/benchmark.py)."""
+    from dreamvideo_jax.training.benchmark import benchmark as train_step_benchmark
+
+    if not config_spec:
+        raise ValueError("--suite=config needs --config=configs/X.py[:arg]")
+    return {"config_file": config_spec, **train_step_benchmark(load_config(config_spec), steps)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -654,7 +748,8 @@ def print_tables(res: dict) -> None:
         r = res["memory"]["remat"]
         print(f"\n== memory: train-step temp bytes no remat {_gib(r['temp_bytes_no_remat'])}, remat ({r['policy']}) "
               f"{_gib(r['temp_bytes_remat'])} -> {r['temp_reduction']:.2f}x less; time ratio remat/no-remat "
-              f"{r['time_ratio']:.2f}")
+              f"{r['time_ratio']:.2f} ({r['time_no_remat_s']:.3f} -> {r['time_remat_s']:.3f} s), FLOPs ratio "
+              f"{r['flops_remat'] / max(r['flops_no_remat'], 1):.2f}")
         print("FSDP (full-size model, per device):")
         print(f"{'devices':>8s}{'params':>14s}{'adamw':>14s}{'total':>14s}{'reduction':>11s}")
         for n, v in res["memory"]["fsdp"].items():
@@ -667,6 +762,12 @@ def print_tables(res: dict) -> None:
         for p in r["points"]:
             print(f"{p['frames']:7d}{p['latent']:8d}{p['train_step_s']:9.3f}{p['flops'] / 1e9:9.1f}"
                   f"{p['s_per_gflop'] * 1e3:10.2f}")
+    if "config" in res:
+        r = res["config"]
+        print(f"\n== config {r['config_file']}: {r['mode']}, batch {r['batch_size']}, clip {r['clip']}, "
+              f"{r['devices']} device(s)")
+        print(f"step {r['step_seconds_median']:.3f} s median ({r['examples_per_second']:.2f} examples/s, "
+              f"{r['gflops_per_second']} GFLOP/s), compile {r['compile_seconds']:.1f} s, init {r['init_seconds']:.1f} s")
     if "fullsize" in res:
         r = res["fullsize"]
         p, f = r["params"], r["flops"]
@@ -680,22 +781,30 @@ def print_tables(res: dict) -> None:
         for k, v in r["tpu_estimates"].items():
             print(f"{k:>9s}{v['train_step_s_batch_per_chip_1']:29.3f}{v['train_videos_per_s']:16.1f}"
                   f"{v['sample_videos_per_s']:17.2f}")
+    if res.get("suite_wall_s"):
+        walls = res["suite_wall_s"]
+        print("\n== wall seconds per suite: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
+              + f"; total {res['total_wall_s']:.0f} s")
 
 
-def run(suites, quick=False) -> dict:
+def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes: dict | None = None) -> dict:
+    """Runs the suites in order; `suite_sizes` replaces `sizes(quick)` (the tests use tiny shapes)."""
     import torch
 
     torch.set_num_threads(_threads())
-    s = sizes(quick)
-    res = {"machine": machine_info(), "quick": quick}
+    s = suite_sizes or sizes(quick)
+    res = {"machine": machine_info(), "quick": quick, "suite_wall_s": {}}
     cache: dict = {}
     fns = {"train": suite_train, "sample": suite_sample, "memory": suite_memory, "scaling": suite_scaling,
-           "fullsize": suite_fullsize}
+           "fullsize": suite_fullsize,
+           "config": lambda s_, c_: suite_config(s_, c_, config_spec, steps)}
+    t_all = time.perf_counter()
     for name in suites:
         t0 = time.perf_counter()
         res[name] = fns[name](s, cache)
-        res[name]["suite_wall_s"] = time.perf_counter() - t0
+        res[name]["suite_wall_s"] = res["suite_wall_s"][name] = time.perf_counter() - t0
         print(f"[{name}: {res[name]['suite_wall_s']:.0f} s]", file=sys.stderr, flush=True)
+    res["total_wall_s"] = time.perf_counter() - t_all
     # Flat copies of the headline ratios at the top level.
     if "train" in res:
         res["train_step"] = res["train"]["train_step"]
@@ -707,12 +816,16 @@ def run(suites, quick=False) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m dreamvideo_jax.benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="all", choices=SUITES + ("all",))
+    p.add_argument("--suite", default="all", choices=SUITES + EXTRA_SUITES + ("all",))
     p.add_argument("--output", default="", help="write the results as JSON to this file")
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+    p.add_argument("--config", default="", help="--suite=config: config file, configs/X.py[:arg]")
+    p.add_argument("--steps", type=int, default=10, help="--suite=config: timed train steps")
     a = p.parse_args(argv)
+    if a.suite == "config" and not a.config:
+        p.error("--suite=config needs --config=configs/X.py[:arg]")
     suites = SUITES if a.suite == "all" else (a.suite,)
-    res = run(suites, a.quick)
+    res = run(suites, a.quick, a.config, a.steps)
     print_tables(res)
     if a.output:
         with open(a.output, "w") as f:

@@ -1,6 +1,9 @@
-"""Smoke test of `python -m dreamvideo_jax.benchmark`: the `fullsize` suite (abstract shapes only) in-process."""
+"""Smoke tests of `python -m dreamvideo_jax.benchmark`: `fullsize` (abstract shapes), the measured suites on tiny
+shapes in-process, and the `config` suite's arguments."""
 
 import json
+
+import pytest
 
 from dreamvideo_jax import benchmark
 
@@ -33,3 +36,38 @@ def test_fullsize_suite_writes_json(tmp_path, capsys):
         for k in ("train_videos_per_s", "sample_videos_per_s", "train_step_s_batch_per_chip_1"):
             assert _positive(est[k]), k
         assert est["mfu"] == benchmark.ASSUMED_MFU
+
+
+# Tiny shapes for the measured suites: numbers are not checked (no timing asserts), only that every suite runs,
+# shares its compiled step, and reports what the tables and WORKSPACE.md quote.
+TINY = dict(channels=(32, 64), layers=1, frames=2, hw=8, batch=1, repeats=1,
+            scaling=dict(frames=(2,), hw=(8,)), matmul=64)
+
+
+def test_measured_suites_on_tiny_shapes(capsys):
+    res = benchmark.run(("train", "memory", "scaling"), suite_sizes=TINY)  # sample: as train, more compiling
+    benchmark.print_tables(res)
+    printed = capsys.readouterr().out
+    assert "wall seconds per suite" in printed and "remat" in printed
+
+    assert set(res["suite_wall_s"]) == {"train", "memory", "scaling"}
+    assert res["total_wall_s"] >= sum(res["suite_wall_s"].values()) * 0.99
+    for k in ("train_step", "forward"):
+        assert _positive(res["train"][k]["ours_s"]) and _positive(res["train"][k]["torch_s"])
+    assert res["train"]["config"]["params_ours"] > 0
+    r = res["memory"]["remat"]
+    assert r["policy"] == "nothing_saveable"
+    assert 0 < r["temp_bytes_remat"] < r["temp_bytes_no_remat"]  # the remat step keeps less
+    assert r["flops_remat"] > r["flops_no_remat"]  # ... because it recomputes
+    assert set(res["memory"]["fsdp"]) == {"1", "2", "4", "8"}
+    # The one scaling point is the shared bench's shape: no new compile.
+    assert [(p["frames"], p["latent"]) for p in res["scaling"]["points"]] == [(2, 8)]
+
+
+def test_config_suite_arguments(tmp_path):
+    cfg = benchmark.load_config("configs/tiny.py")
+    assert int(cfg.num_frames) == 4
+    with pytest.raises(FileNotFoundError):
+        benchmark.load_config(str(tmp_path / "missing.py"))
+    with pytest.raises(SystemExit):
+        benchmark.main(["--suite=config"])  # --config is required

@@ -3,7 +3,9 @@ r"""Train-step benchmark: compile time, step time, examples/s, FLOPs and memory 
   python -m dreamvideo_jax.training.benchmark --config=configs/tiny.py [--steps=10] [--config.train.batch_size=8]
 
 Runs on fixed random batches (no data pipeline, no checkpoints) and prints one JSON object. Step times are the
-median over `--steps` timed steps after one warm-up step; each timed step waits for its result.
+median over `--steps` timed steps after one warm-up step; each timed step waits for its result. The same numbers
+come out of `python -m dreamvideo_jax.benchmark --suite=config --config=...` (the timing, FLOP and memory helpers
+are that module's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def benchmark(config, steps: int = 10) -> dict:
     import jax
     import numpy as np
 
+    from dreamvideo_jax.benchmark import compiled_flops, compiled_memory, time_calls
     from dreamvideo_jax.models import build as mb
     from dreamvideo_jax.parallel.sharding import to_host
     from dreamvideo_jax.training.trainer import Trainer
@@ -45,25 +48,18 @@ def benchmark(config, steps: int = 10) -> dict:
     batch = tr.global_batch({"video": video, "image": video[:, 0],
                              "tokens": rng.integers(0, 49408, (b, length)).astype(np.int32)})
     compile_s = tr.compile(state, frozen, batch)
-    state, m = tr.train_step(state, frozen, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, m = tr.train_step(state, frozen, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    run = {"state": state, "metrics": None}
+
+    def step():
+        run["state"], run["metrics"] = tr.train_step(run["state"], frozen, batch)
+        jax.block_until_ready(run["metrics"])
+
+    times = time_calls(step, max(1, int(steps)), warmup=1)
+    m = run["metrics"]
     step_s = statistics.median(times)
-    cost = tr.cost_analysis()
-    mem = {}
-    try:
-        ma = tr._compiled.memory_analysis()
-        for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes"):
-            mem[k] = int(getattr(ma, k))
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        pass
+    flops = compiled_flops(tr._compiled)
+    mem = compiled_memory(tr._compiled)
     n = lambda tree: int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
     return {
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
