@@ -300,7 +300,6 @@ def _torch_inputs(m, batch, frames, hw, seed=0):
 
 def _matmul_peak(n: int, repeats: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import torch
 
     a = jax.random.normal(jax.random.key(0), (n, n))
@@ -341,9 +340,6 @@ def suite_train(s, cache) -> dict:
     n_ours = sum(int(np.prod(x.shape)) for x in _leaves(jb.params))
     n_torch = sum(p.numel() for p in tm.parameters())
     opt.zero_grad(set_to_none=True)
-
-    del tm, opt, inp, target
-    _free_torch()
     flops = jb.train_flops()
     peak = _matmul_peak(s["matmul"], s["repeats"])
     achieved = flops / ours_train if ours_train > 0 else 0.0
@@ -467,8 +463,6 @@ def suite_sample(s, cache) -> dict:
     with torch.no_grad():  # warm-up: one forward (a whole sampling run as warm-up cost minutes under load)
         tm(inp["sample"], torch.full((b,), ts[0], dtype=torch.long), inp["ctx"], inp["image"])
     torch_s = _median_time(reference, max(1, s["repeats"] - 1), warmup=0)
-    del tm, inp
-    _free_torch()
     out = _ratio(ours_s, torch_s)
     out["ours_first_call_s"] = first
     return {"config": dict(channels=list(c["channels"]), layers_per_block=c["layers"], frames=f, latent=hw, batch=b, steps=steps,
@@ -802,6 +796,7 @@ def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes
     for name in suites:
         t0 = time.perf_counter()
         res[name] = fns[name](s, cache)
+        _free_torch()  # the suite's PyTorch models died with its locals
         res[name]["suite_wall_s"] = res["suite_wall_s"][name] = time.perf_counter() - t0
         print(f"[{name}: {res[name]['suite_wall_s']:.0f} s]", file=sys.stderr, flush=True)
     res["total_wall_s"] = time.perf_counter() - t_all

@@ -16,7 +16,6 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dreamvideo_jax.models import layers as L
