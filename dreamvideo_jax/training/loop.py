@@ -167,7 +167,7 @@ def _params_from_base_dict(tr: Trainer, base: dict, fallback: dict | None = None
 def _check_model_config(stored: ml_collections.ConfigDict, config, what: str, source_has_branch: bool = True) -> None:
     fake = {"model": stored.to_dict(), "train": tc.to_dict(config.train)}
     if not source_has_branch and "retention" in config.model:
-        # A text-to-video source has no retention branch: its settings cannot conflict with ours.
+        # A source without retention parameters (t2v run, converted base): its branch settings cannot conflict.
         fake["model"]["retention"] = tc.to_dict(config.model.retention)
     _check_compatible(fake, config, what)
 
@@ -181,11 +181,10 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
     params = tr.init_params(key)
     src_has_branch = False
     if ck.is_workdir(path):
-        src_config = ck.read_workdir_config(path)
-        _check_model_config(src_config.model, config, f"init_from workdir {path}",
-                            source_has_branch=src_config.train.get("mode") != "t2v")
         base_path = os.fspath(epath.Path(path) / ck.BASE_DIR)
         stored = set(ck.base_shapes(base_path))
+        _check_model_config(ck.read_workdir_config(path).model, config, f"init_from workdir {path}",
+                            source_has_branch="retention" in stored)
         want = set(_base_target(tr)) & stored
         base, _ = ck.load_base(base_path, target=_base_target(tr, want))
         model, _ = ck.split_base(base)
@@ -204,8 +203,9 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
             log.warning("init_from %s: %s; using its initial weights (base)", path, e)
         src_has_branch = "retention" in base
     else:
-        _check_model_config(ck.read_model_config(path), config, f"init_from base {path}")
         stored = set(ck.base_shapes(path))
+        _check_model_config(ck.read_model_config(path), config, f"init_from base {path}",
+                            source_has_branch="retention" in stored)
         want = set(_base_target(tr)) & stored
         base, _ = ck.load_base(path, target=_base_target(tr, want))
         src_has_branch = "retention" in base
