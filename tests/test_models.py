@@ -115,6 +115,27 @@ def test_retention_is_copy_of_primary_encoder(params):
     assert leaf(copied) is not params["unet"]["conv_in"]["kernel"]
 
 
+def test_text_time_embedding_conditions_every_frame_and_is_copied(cfg):
+    """addition_embed_type="text": the pooled caption enters the time embedding of the U-Net and of the branch
+    (a copy), so changing only the caption changes every frame even with cross-attention's output zeroed."""
+    m = cfg.copy_and_resolve_references()
+    m.unet.addition_embed_type, m.unet.addition_embed_type_num_heads = "text", 4
+    model = build.build_dreamvideo(m)
+    p = nn.meta.unbox(build.init_dreamvideo(m, jax.random.key(0))["params"])
+    assert set(p["unet"]["add_embedding"]) == {"norm1", "pool", "proj", "norm2"}
+    for a, b in zip(jax.tree.leaves(p["unet"]["add_embedding"]), jax.tree.leaves(p["retention"]["add_embedding"])):
+        assert np.array_equal(a, b)
+    flat = traverse_util.flatten_dict(p, sep="/")
+    no_attn2 = {k: (np.zeros_like(v) if "/attn2/to_out_0/" in k else v) for k, v in flat.items()}
+    assert any("/attn2/to_out_0/" in k for k in flat)
+    x, t, c, img = _inputs(cfg, 1, 3, 4, 4, seed=7)
+    c2 = np.random.RandomState(8).randn(*c.shape).astype(np.float32)
+    run = jax.jit(lambda q, ctx: model.apply({"params": q}, x, t, ctx, img))
+    q = traverse_util.unflatten_dict(no_attn2, sep="/")
+    diff = np.abs(np.asarray(run(q, c)) - np.asarray(run(q, c2))).max(axis=(2, 3, 4))
+    assert np.all(diff > 1e-4), diff
+
+
 def test_residual_count_and_shapes(cfg):
     full = UNetConfig()
     assert full.num_skips == 12

@@ -129,6 +129,25 @@ def test_clip_text_encoder_matches_transformers(act):
         _close(jax.jit(enc.apply)({"params": params}, ids), expected)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_text_time_embedding_matches_diffusers(heads):
+    """The pooled-caption time embedding (diffusers `addition_embed_type="text"`), converted by the strict
+    converter: attention pooling with a mean-token query, projection, LayerNorms."""
+    from diffusers.models.embeddings import TextTimeEmbedding as RefTextTime
+
+    from dreamvideo_jax.models.layers import TextTimeEmbedding
+
+    torch.manual_seed(0)
+    ref = _randomise(RefTextTime(encoder_dim=24, time_embed_dim=40, num_heads=heads))
+    ctx = np.random.RandomState(1).randn(3, 7, 24).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ctx)).numpy()
+    ours = TextTimeEmbedding(40, heads)
+    shapes = nn.meta.unbox(jax.eval_shape(lambda: ours.init(jax.random.key(0), ctx)))["params"]
+    params = convert_state_dict(_state(ref), shapes, what="TextTimeEmbedding")
+    _close(jax.jit(ours.apply)({"params": params}, ctx), expected)
+
+
 def test_converter_names_every_problem():
     from dreamvideo_jax.convert.torch_to_flax import ConversionError
 

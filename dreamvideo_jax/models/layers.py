@@ -150,6 +150,52 @@ class TimestepEmbedding(nn.Module):
         return dense(self.features, "linear_2", axes=(ax.MLP, ax.EMBED), **kw)(nn.silu(x))
 
 
+class AttentionPooling(nn.Module):
+    """Attention pooling of a sequence into one vector (diffusers `AttentionPooling`): the query is the mean token
+    plus a learnt `positional_embedding`; it attends over itself and every token with `num_heads` heads, and the
+    heads' outputs are concatenated (no output projection). `(B, L, D)` -> `(B, D)`."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, _, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"AttentionPooling: width {d} is not divisible by num_heads {self.num_heads}")
+        pos_init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(shape[-1])
+        pos = self.param("positional_embedding", _part(pos_init, (ax.POSITION, ax.EMBED)), (1, d), self.param_dtype)
+        query = jnp.mean(x, axis=1, keepdims=True) + pos.astype(self.dtype)
+        x = jnp.concatenate([query, x], axis=1)
+        proj = lambda name, y: dense(d, name, axes=(ax.EMBED, ax.HEADS), **kw)(y).reshape(
+            b, y.shape[1], self.num_heads, d // self.num_heads)
+        q, k, v = proj("q_proj", query), proj("k_proj", x), proj("v_proj", x)
+        weights = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // self.num_heads)
+        weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(self.dtype)
+        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The caption pooled into one vector that is added to the time embedding (diffusers `TextTimeEmbedding`,
+    UNet2DConditionModel's `addition_embed_type="text"`): LayerNorm -> attention pooling -> Linear -> LayerNorm.
+    `(B, L, D)` text context -> `(B, features)`."""
+
+    features: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layer_norm(1e-5, "norm1", **kw)(context.astype(self.dtype))
+        x = AttentionPooling(self.num_heads, name="pool", **kw)(x)
+        x = dense(self.features, "proj", **kw)(x)
+        return layer_norm(1e-5, "norm2", **kw)(x)
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out_0`).
 

@@ -1,6 +1,6 @@
 """Image Retention branch and the reference-image conv block (`image_conv`).
 
-The branch is a trainable copy of the U-Net's input half (conv_in, time embedding, transformer_in, down blocks,
+The branch is a trainable copy of the U-Net's input half (conv_in, time embedding(s), transformer_in, down blocks,
 mid block; ControlNet pattern). Its input is `conv_in(noisy latents) + image_conv(reference image)`, broadcast
 over frames; it sees the same timesteps and text. Each of its skip tensors and its mid output goes through a
 zero-initialised 1x1 conv (`controlnet_down_blocks_i`, `controlnet_mid_block`); the results are added to the
@@ -22,7 +22,7 @@ from dreamvideo_jax.models.unet3d import Runtime, UNetConfig, encoder_forward
 IMAGE_INPUTS = ("pixels", "latent")
 
 # Parameter groups of the primary U-Net that the branch copies (`init_retention_from_unet`).
-COPIED_FROM_UNET = ("conv_in", "time_embedding", "transformer_in", "down_blocks_", "mid_block")
+COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "transformer_in", "down_blocks_", "mid_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +99,8 @@ class ImageRetention(nn.Module):
 
 
 def init_retention_from_unet(params: dict) -> dict:
-    """Returns `params` with the branch's conv_in, time embedding, transformer_in, down blocks and mid block
-    replaced by copies of the primary U-Net's (`params['unet']`); zero convs and image_conv are kept."""
+    """Returns `params` with the branch's conv_in, time embedding (and `add_embedding`, if any), transformer_in,
+    down blocks and mid block replaced by copies of the primary U-Net's (`params['unet']`); zero convs and image_conv are kept."""
     unet, branch = params["unet"], dict(params["retention"])
     copied = [k for k in unet if k.startswith(COPIED_FROM_UNET)]
     for k in copied:

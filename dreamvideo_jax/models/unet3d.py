@@ -42,6 +42,11 @@ class UNetConfig:
     transformer_in_heads: int = 8  # transformer_in: 8 heads of attention_head_dim
     temporal_dropout: float = 0.1  # dropout inside temporal convs (diffusers/ModelScope)
     resnet_dropout: float = 0.0
+    # Optional, off in ModelScope: "text" adds the attention-pooled caption to the time embedding (diffusers
+    # UNet2DConditionModel's `addition_embed_type="text"`, parameters `add_embedding.*`), a global text pathway
+    # into every ResNet block besides cross-attention.
+    addition_embed_type: Optional[str] = None
+    addition_embed_type_num_heads: int = 64
 
     def __post_init__(self):
         for f in ("block_out_channels", "down_block_types", "up_block_types"):
@@ -54,6 +59,11 @@ class UNetConfig:
         for t in self.down_block_types:
             if t not in (CROSS_DOWN, PLAIN_DOWN):
                 raise ValueError(f"UNetConfig: unknown down block type {t!r}; use {CROSS_DOWN} or {PLAIN_DOWN}")
+        if self.addition_embed_type not in (None, "text"):
+            raise ValueError(f"UNetConfig: addition_embed_type={self.addition_embed_type!r}; use None or 'text'")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"UNetConfig: cross_attention_dim {self.cross_attention_dim} not divisible by "
+                             f"addition_embed_type_num_heads {self.addition_embed_type_num_heads}")
         for t in self.up_block_types:
             if t not in (CROSS_UP, PLAIN_UP):
                 raise ValueError(f"UNetConfig: unknown up block type {t!r}; use {CROSS_UP} or {PLAIN_UP}")
@@ -241,8 +251,11 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
     c0 = cfg.block_out_channels[0]
     temb = L.timestep_embedding(timesteps, c0, flip_sin_to_cos=True, freq_shift=0).astype(rt.dtype)
     temb = L.TimestepEmbedding(4 * c0, name="time_embedding", **rt.kw)(temb)
-    temb = jnp.repeat(temb, f, axis=0)
     context = context.astype(rt.dtype)
+    if cfg.addition_embed_type == "text":
+        temb = temb + L.TextTimeEmbedding(4 * c0, cfg.addition_embed_type_num_heads, name="add_embedding",
+                                          **rt.kw)(context)
+    temb = jnp.repeat(temb, f, axis=0)
 
     x = L.conv(c0, (3, 3), "conv_in", **rt.kw)(_frames_as_batch(sample.astype(rt.dtype)))
     if extra_input is not None:
