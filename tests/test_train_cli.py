@@ -1,0 +1,345 @@
+"""Training end to end through the CLI (subprocesses sharing a persistent compilation cache): exact resume after
+SIGKILL and SIGTERM, resume order, a corrupt checkpoint, bad configs, 2-process training, init_from, the TPU launch
+script's dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dreamvideo_jax.parallel import sharding as sh
+from dreamvideo_jax.training import checkpoint as ck
+from dreamvideo_jax.training import loop
+from dreamvideo_jax.training import state as st
+from train_common import (  # noqa: F401 (fixtures)
+    EVERY, NUM_STEPS, ROOT, cli_overrides, eight, fast_compile, one, train_config)
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end through the CLI (subprocesses sharing a persistent compilation cache)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_e2e")
+    data_dir = str(root / "tfds")
+    from dreamvideo_jax.data import pipeline
+
+    pipeline.dataset_path(train_config(data_dir).data)  # build the tiny moving_shapes once
+    e = dict(os.environ)
+    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    e.update(
+        PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
+        XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]),
+        JAX_PLATFORMS="cpu",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TF_CPP_MIN_LOG_LEVEL="3",
+    )
+    return {"root": root, "data_dir": data_dir, "env": e}
+
+
+def _cmd(workdir, data_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "dreamvideo_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            *cli_overrides(data_dir), *extra]
+
+
+def _popen(env, workdir, *extra) -> subprocess.Popen:
+    log = open(f"{workdir}.log", "w")
+    return subprocess.Popen(_cmd(workdir, env["data_dir"], *extra), cwd=ROOT, env=env["env"], stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _finish(p: subprocess.Popen, workdir, timeout=900) -> str:
+    try:
+        p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return open(f"{workdir}.log").read()
+
+
+def _wait_for(cond, p: subprocess.Popen, what: str, timeout=900):
+    t0 = time.time()
+    while not cond():
+        if p.poll() is not None:
+            return False
+        if time.time() - t0 > timeout:
+            p.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return True
+
+
+def _metric_steps(workdir) -> list[int]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    out = []
+    for line in open(path).read().splitlines():
+        try:
+            out.append(json.loads(line)["step"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return out
+
+
+def _read_checkpoint(workdir, step) -> dict:
+    import orbax.checkpoint as ocp
+
+    base = os.path.join(workdir, "checkpoints", str(step))
+    out = {}
+    with ocp.PyTreeCheckpointer() as c:
+        for item in ("params", "ema", "opt_state", "meta"):
+            meta = c.metadata(os.path.join(base, item))
+            tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+            args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree),
+                                is_leaf=lambda x: hasattr(x, "shape"))
+            out[item] = c.restore(os.path.join(base, item), args=ocp.args.PyTreeRestore(restore_args=args))
+    out["data"] = json.load(open(os.path.join(base, "data", "process_0-of-1.json")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(env):
+    """Uninterrupted 6 steps (checkpoints at 3 and 6)."""
+    wd = str(env["root"] / "uninterrupted")
+    out = _finish(_popen(env, wd), wd)
+    assert "done: step 6" in out, out[-3000:]
+    return wd
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_and_sigterm(env, reference_run):
+    wd = str(env["root"] / "interrupted")
+    # 1. SIGKILL once checkpoint 3 is committed.
+    p = _popen(env, wd)
+    ok = _wait_for(lambda: os.path.isdir(os.path.join(wd, "checkpoints", "3")), p, "checkpoint 3")
+    p.send_signal(signal.SIGKILL)
+    out = _finish(p, wd)
+    assert ok and p.returncode == -signal.SIGKILL, out[-3000:]
+    # A kill can land after later steps were saved too; make the resume start at 3 in every case.
+    for name in os.listdir(os.path.join(wd, "checkpoints")):
+        if name != "3" and not name.startswith("_"):
+            shutil.rmtree(os.path.join(wd, "checkpoints", name))
+    # 2. Resume; SIGTERM after the first new step: a checkpoint at the current step, clean exit.
+    p = _popen(env, wd)
+    _wait_for(lambda: "step 4: loss" in open(f"{wd}.log").read(), p, "step 4")
+    p.send_signal(signal.SIGTERM)
+    out = _finish(p, wd)
+    assert p.returncode == 0 and "stopped on request" in out, out[-3000:]
+    saved = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+    stop_step = max(_metric_steps(wd))
+    assert saved[-1] == stop_step and 3 < stop_step < NUM_STEPS, (saved, stop_step)
+    # 3. Resume to the end.
+    out = _finish(_popen(env, wd), wd)
+    assert f"done: step {NUM_STEPS} (started at {stop_step} from workdir)" in out, out[-3000:]
+    a, b = _read_checkpoint(reference_run, NUM_STEPS), _read_checkpoint(wd, NUM_STEPS)
+    for item in ("params", "ema", "opt_state", "meta"):
+        same = jax.tree.map(np.array_equal, a[item], b[item])
+        assert jax.tree.all(same), (item, same)
+    assert a["data"] == b["data"]
+    # The next data batch is the same too.
+    from dreamvideo_jax.data import pipeline
+
+    nexts = []
+    for state in (a["data"]["state"], b["data"]["state"]):
+        it = pipeline.make_train_iterator(train_config(env["data_dir"]).data, batch_size=8)
+        it.set_state(state)
+        nexts.append(next(it))
+        it.close()
+    assert all(np.array_equal(nexts[0][k], nexts[1][k]) for k in ("video", "tokens", "index"))
+    # Logged losses of the steps after the interruptions match the uninterrupted run.
+    la = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(reference_run, "metrics.jsonl")))}
+    lb = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))}
+    assert sorted(lb) == list(range(1, NUM_STEPS + 1)) and all(la[s] == lb[s] for s in lb)
+
+
+def test_load_for_inference_layout(reference_run):
+    config, variables = ck.load_for_inference(reference_run)
+    assert config.train.mode == "dreamvideo" and set(variables) == {"dreamvideo", "text_encoder", "vae"}
+    assert set(variables["dreamvideo"]) == {"unet", "retention", "image_conv"}
+    ema = _read_checkpoint(reference_run, NUM_STEPS)["ema"]
+    flat = st.flatten(variables["dreamvideo"])
+    for k, v in st.flatten(ema).items():
+        assert np.array_equal(flat[k], v)
+    _, raw = ck.load_for_inference(reference_run, step=3, use_ema=False)
+    assert not np.array_equal(st.flatten(raw["dreamvideo"])[k], flat[k])
+
+
+def test_corrupt_checkpoint_is_an_error_or_a_logged_fallback(env, reference_run, eight, caplog):
+    wd = str(env["root"] / "corrupt")
+    shutil.copytree(reference_run, wd)
+    params_dir = os.path.join(wd, "checkpoints", str(NUM_STEPS), "params")
+    for dirpath, _, files in os.walk(params_dir):
+        for f in files:
+            if f != "_METADATA":
+                with open(os.path.join(dirpath, f), "wb") as fh:
+                    fh.write(b"\0garbage")
+    with pytest.raises(ck.CheckpointError, match=f"checkpoints/{NUM_STEPS}"):
+        loop.train_and_evaluate(train_config(env["data_dir"]), wd)
+    tr = eight[0]
+    c = ck.Checkpointer(ck.checkpoint_dir(wd), use_async=False)
+    with caplog.at_level("ERROR"):
+        r = c.restore_latest(tr.abstract_state, on_corrupt="fallback")
+    c.close()
+    assert r.step == EVERY and any("cannot be restored" in m for m in caplog.messages)
+    assert os.path.isdir(os.path.join(wd, "checkpoints_corrupt", str(NUM_STEPS)))
+
+
+def test_resume_order(env, reference_run, eight, tmp_path):
+    """workdir checkpoint -> config.resume -> config.init_from -> scratch (no step is compiled here)."""
+    tr = eight[0]
+    cfg = train_config(env["data_dir"])
+    cfg.resume = os.path.join(reference_run, "checkpoints", str(EVERY))
+    cfg.init_from = reference_run  # ignored: resume comes first
+    wd = tmp_path / "resumed"
+    wd.mkdir()
+    c = ck.Checkpointer(ck.checkpoint_dir(str(wd)))
+    state, frozen, data_state, source = loop._start(tr, cfg, wd, c)
+    assert source == "resume" and int(sh.to_host(state.step)) == EVERY and data_state is not None
+    expect = _read_checkpoint(reference_run, EVERY)
+    got = st.flatten(jax.device_get(state.params))
+    assert all(np.array_equal(got[k], v) for k, v in st.flatten(expect["params"]).items())
+    assert ck.is_base(str(wd / "base"))  # the new workdir is self-contained
+    # With a checkpoint of its own, the workdir comes first.
+    c.save(state.replace(step=state.step + 1), data_state, cfg)
+    c.wait()
+    state, _, _, source = loop._start(tr, cfg, wd, c)
+    assert source == "workdir" and int(sh.to_host(state.step)) == EVERY + 1
+    c.close()
+    # init_from alone: a fresh state (step 0) whose trainable params are the source's EMA.
+    cfg.resume = ""
+    c = ck.Checkpointer(ck.checkpoint_dir(str(tmp_path / "fresh")))
+    state, _, data_state, source = loop._start(tr, cfg, tmp_path / "fresh", c)
+    c.close()
+    assert source == "init_from" and int(sh.to_host(state.step)) == 0 and data_state is None
+    ema = st.flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
+    got = st.flatten(jax.device_get(state.params))
+    assert all(np.array_equal(got[k], ema[k]) for k in got)
+
+
+def test_incompatible_config_unwritable_workdir_unknown_key(env, reference_run, tmp_path):
+    cfg = train_config(env["data_dir"])
+    cfg.model.unet.layers_per_block = 2
+    cfg.train.trainable = ("^unet/",)
+    with pytest.raises(loop.IncompatibleConfigError, match="model.unet.layers_per_block: 1 -> 2") as e:
+        loop.train_and_evaluate(cfg, reference_run)
+    assert "train.trainable" in str(e.value)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(loop.WorkdirError, match="not writable"):
+        loop.train_and_evaluate(train_config(env["data_dir"]), str(blocker / "workdir"))
+    r = subprocess.run(_cmd(tmp_path / "wd", env["data_dir"], "--config.train.no_such_key=1"), cwd=ROOT,
+                       env=env["env"], capture_output=True, text=True, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode != 0 and lines[-1].startswith("error:") and "no_such_key" in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(env):
+    wd = str(env["root"] / "two_process")
+    port = _free_port()
+    procs = []
+    try:
+        for i in range(2):
+            log = open(f"{wd}.{i}.log", "w")
+            cmd = _cmd(wd, env["data_dir"], "--config.train.mode=t2v", "--config.train.num_steps=2",
+                       "--config.train.checkpoint_every=2", "--multihost", f"--coordinator_address=localhost:{port}",
+                       "--num_processes=2", f"--process_id={i}")
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env["env"], stdout=log, stderr=subprocess.STDOUT))
+        for p in procs:
+            p.wait(timeout=1200)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = [open(f"{wd}.{i}.log").read() for i in range(2)]
+    return wd, procs, outs
+
+
+@pytest.mark.slow
+def test_two_processes(two_process_run):
+    wd, procs, outs = two_process_run
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0 and "done: step 2" in out, out[-3000:]
+    losses = [[ln for ln in out.splitlines() if ln.startswith("done:")][-1].split("loss ")[-1] for out in outs]
+    assert losses[0] == losses[1]
+    data = os.path.join(wd, "checkpoints", "2", "data")
+    assert sorted(os.listdir(data))[-2:] == ["process_0-of-2.json", "process_1-of-2.json"]
+    states = [json.load(open(os.path.join(data, f"process_{i}-of-2.json"))) for i in range(2)]
+    assert states[0]["state"] == states[1]["state"]  # same position, different shards of the data
+    assert [r["step"] for r in map(json.loads, open(os.path.join(wd, "metrics.jsonl")))] == [1, 2]
+
+
+def test_init_from_t2v_workdir_copies_unet_into_retention(two_process_run, one):
+    wd = two_process_run[0]
+    config, variables = ck.load_for_inference(wd)
+    assert config.train.mode == "t2v" and set(variables) == {"unet", "text_encoder", "vae"}
+    tr = one[0]
+    params = jax.device_get(loop.load_init_from(tr, wd, jax.random.key(1)))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["model"]["unet"], variables["unet"]))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["text_encoder"], variables["text_encoder"]))
+    for k in ("conv_in", "time_embedding", "down_blocks_0", "mid_block"):
+        assert jax.tree.all(jax.tree.map(np.array_equal, params["model"]["retention"][k], variables["unet"][k]))
+    # A base checkpoint written by save_base loads the same way.
+    base = os.path.join(os.path.dirname(wd), "converted_base")
+    ck.save_base(base, {k: variables[k] for k in ("unet", "text_encoder", "vae")}, config.model)
+    loaded, model_config = ck.load_base(base)
+    assert model_config.unet.block_out_channels == list(config.model.unet.block_out_channels)
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded["unet"], variables["unet"]))
+    params2 = jax.device_get(loop.load_init_from(tr, base, jax.random.key(1)))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params2["model"], params["model"]))
+
+
+def test_init_from_t2v_source_ignores_retention_settings_but_not_unet_ones():
+    """A text-to-video source has no retention branch, so stage 2 may choose any branch settings."""
+    src, cfg = train_config(), train_config()
+    src.train.mode = "t2v"
+    cfg.model.retention.image_input = "latent"
+    loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
+    with pytest.raises(loop.IncompatibleConfigError, match="model.retention.image_input"):
+        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=True)
+    cfg.model.unet.layers_per_block = int(src.model.unet.layers_per_block) + 1
+    with pytest.raises(loop.IncompatibleConfigError, match="model.unet.layers_per_block"):
+        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
+
+
+def test_tpu_launch_dry_run():
+    cmd = ["bash", os.path.join(ROOT, "launch", "tpu", "pod.sh"), "all", "--dry_run", "--name=dv", "--zone=us-central2-b",
+           "--project=proj", "--accelerator=v4-32", "--version=tpu-ubuntu2204-base", "--workdir=gs://b/runs/dv",
+           "--data_dir=gs://b/tfds", "--init_from=gs://b/base/ms", "--extra=--config.train.batch_size=64"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == ("+ gcloud compute tpus tpu-vm create dv --zone=us-central2-b --project=proj "
+                        "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+    assert any(ln.startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in ln for ln in lines)
+    train = [ln for ln in lines if "dreamvideo_jax.train" in ln]
+    assert len(train) == 1 and "--worker=all" in train[0] and "--multihost" in train[0]
+    for part in ("--workdir=gs://b/runs/dv", "--config.data.data_dir=gs://b/tfds", "--config.init_from=gs://b/base/ms",
+                 "--config.train.batch_size=64", "--config=configs/modelscope_t2v.py"):
+        assert part in train[0]
+    bad = subprocess.run(cmd[:2] + ["train", "--dry_run", "--name=dv", "--zone=z", "--workdir=/tmp/x",
+                                    "--data_dir=gs://d"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "gs://" in bad.stderr
