@@ -171,10 +171,8 @@ class AttentionPooling(nn.Module):
         x = jnp.concatenate([query, x], axis=1)
         proj = lambda name, y: dense(d, name, axes=(ax.EMBED, ax.HEADS), **kw)(y).reshape(
             b, y.shape[1], self.num_heads, d // self.num_heads)
-        q, k, v = proj("q_proj", query), proj("k_proj", x), proj("v_proj", x)
-        weights = jnp.einsum("bqhc,bkhc->bhqk", q, k) / math.sqrt(d // self.num_heads)
-        weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(self.dtype)
-        return jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, d)
+        pooled = jax.nn.dot_product_attention(proj("q_proj", query), proj("k_proj", x), proj("v_proj", x))
+        return pooled.reshape(b, d)
 
 
 class TextTimeEmbedding(nn.Module):
