@@ -7,6 +7,8 @@ tiny programs run slower by a few milliseconds. Numerics are unchanged (no fast-
 import os
 import sys
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
@@ -24,3 +26,15 @@ LONGEST_FIRST = ("test_train_cli.py", "test_demo.py", "test_train.py", "test_ben
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA's high-level optimisations off for a module of tiny-shape tests: at these sizes they cost more compile
+    time than they save at run time. Use with `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+    import jax
+
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -10,21 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-import jax
-
 from configs import tiny
 from dreamvideo_jax.evaluation import cli
 from dreamvideo_jax.sampling.inputs import InputError
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,10 @@ from dreamvideo_jax.sampling import cli, weights
 from dreamvideo_jax.sampling.inputs import InputError
 from dreamvideo_jax.sampling.pipeline import Sampler
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")

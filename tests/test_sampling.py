@@ -23,16 +23,9 @@ from dreamvideo_jax.sampling import inputs as I
 from dreamvideo_jax.sampling import outputs, weights
 from dreamvideo_jax.sampling.pipeline import Sampler
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 STEPS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Tiny shapes: XLA's optimisations cost more compile time than they save at run time."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,9 @@ from dreamvideo_jax.training import loop
 from dreamvideo_jax.training import metrics as mt
 from dreamvideo_jax.training import state as st
 from dreamvideo_jax.training.trainer import Trainer
-from train_common import eight, fast_compile, make_batch, one, train_config  # noqa: F401 (fixtures)
+from train_common import eight, make_batch, one, train_config  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Mesh and sharding rules (no compilation)

@@ -22,7 +22,9 @@ from dreamvideo_jax.training import checkpoint as ck
 from dreamvideo_jax.training import loop
 from dreamvideo_jax.training import state as st
 from train_common import (  # noqa: F401 (fixtures)
-    EVERY, NUM_STEPS, ROOT, cli_overrides, eight, fast_compile, one, train_config)
+    EVERY, NUM_STEPS, ROOT, cli_overrides, eight, one, train_config)
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # ----------------------------------------------------------------------------------------------------------------
 # End to end through the CLI (subprocesses sharing a persistent compilation cache)

@@ -50,14 +50,6 @@ def make_batch(seed: int = 0, b: int = 8) -> dict:
     return {"video": v, "image": v[:, 0], "tokens": rng.integers(0, 49408, (b, 77)).astype(np.int32)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
-
-
 @pytest.fixture(scope="module")
 def one():
     """1-device trainer, its initial params and a fresh state's trainable copy."""
