@@ -17,6 +17,24 @@ def test_sample_timesteps_range_and_dtype():
     assert int(t.min()) < 10 and int(t.max()) > 990
 
 
+def test_sample_timesteps_high_noise_share():
+    n, T, start, frac = 20000, 1000, 900, 0.5
+    draw = jax.jit(O.sample_timesteps, static_argnums=(1, 2, 3, 4))
+    t = np.asarray(draw(jax.random.key(2), n, T, frac, start))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+    # P(t >= start) = frac + (1 - frac) * (T - start) / T = 0.55; below start the density stays uniform.
+    assert abs(np.mean(t >= start) - 0.55) < 0.015
+    low = t[t < start]
+    assert abs(np.mean(low < start // 2) - 0.5) < 0.02
+    # The default draws exactly what plain uniform sampling draws (runs keep their timesteps).
+    np.testing.assert_array_equal(np.asarray(draw(jax.random.key(2), n, T, 0.0, start)),
+                                  np.asarray(jax.random.randint(jax.random.key(2), (n,), 0, T, dtype=jnp.int32)))
+    with pytest.raises(ValueError, match="high_fraction=1.5"):
+        O.sample_timesteps(jax.random.key(0), 4, T, 1.5, start)
+    with pytest.raises(ValueError, match="high_start=1000"):
+        O.sample_timesteps(jax.random.key(0), 4, T, 0.5, 1000)
+
+
 def test_condition_dropout_follows_instruct_pix2pix():
     batch, p = 20000, 0.1
     text = jnp.ones((batch, 3, 2))

@@ -21,7 +21,20 @@ from train_common import eight, make_batch, one, train_config  # noqa: F401 (fix
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Mesh and sharding rules (no compilation)
+# Config checks and mesh / sharding rules (no compilation)
+
+
+def test_config_checks_name_the_bad_key():
+    from dreamvideo_jax.training.config import check_config
+
+    check_config(train_config())
+    for key, value, match in [("timestep_high_fraction", 1.5, "train.timestep_high_fraction=1.5"),
+                              ("timestep_high_start", 1000, r"train.timestep_high_start=1000 must be in \[0, 1000\)"),
+                              ("condition_dropout", 0.5, "train.condition_dropout=0.5")]:
+        c = train_config()
+        c.train[key] = value
+        with pytest.raises(ValueError, match=match):
+            check_config(c)
 
 
 def test_mesh_sizes_and_errors():

@@ -15,9 +15,31 @@ from dreamvideo_jax.diffusion.schedules import NoiseSchedule, canonical_predicti
 LossWeighting = Literal["none", "min_snr_gamma"]
 
 
-def sample_timesteps(key: jax.Array, batch: int, num_train_timesteps: int = 1000) -> jax.Array:
-    """Draws one training timestep per sample, uniform over ``[0, num_train_timesteps)``, as int32."""
-    return jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+def sample_timesteps(
+    key: jax.Array,
+    batch: int,
+    num_train_timesteps: int = 1000,
+    high_fraction: float = 0.0,
+    high_start: int = 0,
+) -> jax.Array:
+    """Draws one training timestep per sample as int32: uniform over ``[0, num_train_timesteps)``, except that
+    with probability ``high_fraction`` a sample draws uniformly from the high-noise range
+    ``[high_start, num_train_timesteps)`` instead.
+
+    ``high_fraction=0`` (the default) is plain uniform sampling, what ModelScope and DreamVideo train with.
+    A high-noise share puts more of the training signal where ``x_t`` no longer shows the clip's content, the
+    only noise levels at which an image-to-video model must take the motion from the text (WORKSPACE.md, Demo).
+    """
+    if not 0.0 <= high_fraction <= 1.0:
+        raise ValueError(f"high_fraction={high_fraction} must be in [0, 1]")
+    if not 0 <= high_start < num_train_timesteps:
+        raise ValueError(f"high_start={high_start} must be in [0, {num_train_timesteps})")
+    t = jax.random.randint(key, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+    if high_fraction == 0.0:
+        return t
+    k_high, k_pick = jax.random.split(jax.random.fold_in(key, 1))
+    t_high = jax.random.randint(k_high, (batch,), high_start, num_train_timesteps, dtype=jnp.int32)
+    return jnp.where(jax.random.uniform(k_pick, (batch,)) < high_fraction, t_high, t)
 
 
 class DropoutMasks(NamedTuple):

@@ -49,6 +49,10 @@ def train_defaults() -> ml_collections.ConfigDict:
         prediction_type="eps",  # 'eps' | 'v' | 'x0'
         loss_weighting="none",  # 'none' | 'min_snr_gamma'
         snr_gamma=5.0,
+        # Timesteps: uniform over [0, T), except that a share `timestep_high_fraction` of the samples draws from
+        # [timestep_high_start, T) (0 = plain uniform, as ModelScope / DreamVideo train).
+        timestep_high_fraction=0.0,
+        timestep_high_start=900,
         condition_dropout=0.05,  # p of each case: text only / both / image only dropped (t2v: text dropped w.p. 2p)
         vae_sample=True,  # encode frames by sampling the VAE posterior (False: its mean)
         timestep_buckets=10,  # loss is also logged per timestep bucket
@@ -101,6 +105,13 @@ def check_config(config) -> None:
         raise ValueError(f"train.corrupt_checkpoint={t.corrupt_checkpoint!r}; use 'error' or 'fallback'")
     if not 0.0 <= float(t.condition_dropout) <= 1.0 / 3.0:
         raise ValueError(f"train.condition_dropout={t.condition_dropout} must be in [0, 1/3]")
+    if not 0.0 <= float(t.get("timestep_high_fraction", 0.0)) <= 1.0:
+        raise ValueError(f"train.timestep_high_fraction={t.timestep_high_fraction} must be in [0, 1]")
+    if "timestep_high_start" in t and "diffusion" in config:
+        num_t = int(config.diffusion.num_train_timesteps)
+        if not 0 <= int(t.timestep_high_start) < num_t:
+            raise ValueError(f"train.timestep_high_start={t.timestep_high_start} must be in [0, {num_t}) "
+                             "(diffusion.num_train_timesteps)")
     if not 0.0 <= float(t.ema_decay) < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     if "data" in config:

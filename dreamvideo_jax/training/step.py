@@ -45,6 +45,8 @@ def make_loss_fn(comps: Components) -> Callable:
     p_drop = float(t.condition_dropout)
     image_input = mb.retention_config(comps.m).image_input
     null_tokens = comps.null_tokens()
+    high_fraction = float(t.get("timestep_high_fraction", 0.0))
+    high_start = int(t.get("timestep_high_start", 0))
 
     def encode_text(frozen, tokens):
         return comps.text_encoder.apply(_vars(frozen["text_encoder"]), tokens)
@@ -60,7 +62,7 @@ def make_loss_fn(comps: Components) -> Callable:
         context = jax.lax.stop_gradient(context)
         null_context = jax.lax.stop_gradient(encode_text(frozen, jnp.asarray(null_tokens)))
         b = x0.shape[0]
-        timesteps = objective.sample_timesteps(k_t, b, num_t)
+        timesteps = objective.sample_timesteps(k_t, b, num_t, high_fraction, high_start)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
         x_t = schedules.add_noise(schedule, x0, noise, timesteps)
         target = schedules.training_target(schedule, x0, noise, timesteps, prediction_type)
