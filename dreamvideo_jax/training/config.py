@@ -105,9 +105,9 @@ def check_config(config) -> None:
         raise ValueError(f"train.corrupt_checkpoint={t.corrupt_checkpoint!r}; use 'error' or 'fallback'")
     if not 0.0 <= float(t.condition_dropout) <= 1.0 / 3.0:
         raise ValueError(f"train.condition_dropout={t.condition_dropout} must be in [0, 1/3]")
-    if not 0.0 <= float(t.get("timestep_high_fraction", 0.0)) <= 1.0:
+    if not 0.0 <= float(t.timestep_high_fraction) <= 1.0:
         raise ValueError(f"train.timestep_high_fraction={t.timestep_high_fraction} must be in [0, 1]")
-    if "timestep_high_start" in t and "diffusion" in config:
+    if "diffusion" in config:
         num_t = int(config.diffusion.num_train_timesteps)
         if not 0 <= int(t.timestep_high_start) < num_t:
             raise ValueError(f"train.timestep_high_start={t.timestep_high_start} must be in [0, {num_t}) "

@@ -45,8 +45,7 @@ def make_loss_fn(comps: Components) -> Callable:
     p_drop = float(t.condition_dropout)
     image_input = mb.retention_config(comps.m).image_input
     null_tokens = comps.null_tokens()
-    high_fraction = float(t.get("timestep_high_fraction", 0.0))
-    high_start = int(t.get("timestep_high_start", 0))
+    high_fraction, high_start = float(t.timestep_high_fraction), int(t.timestep_high_start)
 
     def encode_text(frozen, tokens):
         return comps.text_encoder.apply(_vars(frozen["text_encoder"]), tokens)
