@@ -46,5 +46,6 @@ def get_config(arg=None):
     d.worker_count = 0
     d.build.size = 16
     d.build.frames = 8
+    d.build.centred_start = 0  # 16 px is too small for an object to move 7 px either way from frame 0
     d.build.num_train, d.build.num_validation, d.build.num_test = 512, 64, 64
     return config

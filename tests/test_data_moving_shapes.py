@@ -68,6 +68,30 @@ def test_other_sizes_and_determinism():
         M.ClipSpec(size=16, frames=16).resolved()
 
 
+def test_first_frame_says_nothing_about_the_motion():
+    """centred_start (default): frame 0 is drawn from one box for every motion, so an image-to-video model cannot
+    read the direction off the reference image; with centred_start=0 the box follows the motion."""
+    spec = M.ClipSpec().resolved()
+    assert (spec.min_speed, spec.max_speed) == (1, 1)  # 32x32x8: 10 px + 2 * 7 px fits, 2 px/frame does not
+    travel = (spec.frames - 1) * spec.max_speed
+    starts = {m: [] for m in M.MOTIONS}
+    for i in range(400):
+        ex = M.generate_clip(0, "train", i)
+        room = spec.size - int(ex["object_size"])
+        assert all(travel <= c <= room - travel for c in ex["start"]), (ex["motion"], ex["start"])
+        starts[str(ex["motion"])].append(ex["start"][0])
+    assert abs(np.mean(starts["left"]) - np.mean(starts["right"])) < 1.5
+    old = M.ClipSpec(centred_start=0)
+    lefts = [M.generate_clip(0, "train", i, old) for i in range(400)]
+    left_x = np.mean([e["start"][0] for e in lefts if e["motion"] == "left"])
+    right_x = np.mean([e["start"][0] for e in lefts if e["motion"] == "right"])
+    assert left_x - right_x > 5  # left-movers start on the right
+    with pytest.raises(ValueError, match="centred_start=1 needs room"):
+        M.ClipSpec(size=16, frames=8).resolved()
+    M.ClipSpec(size=16, frames=8, centred_start=0).resolved()
+    assert M.config_name() != M.config_name(centred_start=0)
+
+
 def test_vocabulary_constants():
     assert len(M.DIRECTIONS) == 8 and M.MOTIONS[-1] == "still" and len(M.COLOURS) == 6
     assert {"circle", "square", "triangle"} <= set(M.SHAPES)

@@ -20,7 +20,7 @@ class PixelStatsExtractor:
 
 
 def _batches(frames=16, n=12, batch=4):
-    clips = [generate_clip(3, "train", i, ClipSpec(size=32, frames=frames)) for i in range(n)]
+    clips = [generate_clip(3, "train", i, ClipSpec(size=32, frames=frames, centred_start=0)) for i in range(n)]
     for i in range(0, n, batch):
         part = clips[i : i + batch]
         yield np.stack([c["video"] for c in part]), [c["caption"] for c in part]

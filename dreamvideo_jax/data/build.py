@@ -278,13 +278,14 @@ def _define_flags():
     f.DEFINE_integer("seed", None, "moving_shapes: generation seed.")
     for k in ("min_object", "max_object", "min_speed", "max_speed"):
         f.DEFINE_integer(k, None, f"moving_shapes: {k.replace('_', ' ')} in pixels (0: scale with size).")
+    f.DEFINE_bool("centred_start", None, "moving_shapes: frame 0's position independent of the motion (default on).")
     f.mark_flag_as_required("dataset")
 
 
 _VF_KEYS = ("max_frames", "min_frames", "frame_stride", "fps", "height", "width", "center_crop", "clips_per_video",
             "caption_from", "class_names", "class_caption_template", "default_split", "zlib", "num_workers")  # fmt: skip
 _MS_KEYS = ("size", "frames", "num_train", "num_validation", "num_test", "seed", "min_object", "max_object",
-            "min_speed", "max_speed")  # fmt: skip
+            "min_speed", "max_speed", "centred_start")  # fmt: skip
 
 
 def main(argv) -> int:

@@ -43,5 +43,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.build.min_object = 0  # 0 = scale with size (6 px at 32)
     c.build.max_object = 0  # 0 = scale with size (10 px at 32)
     c.build.min_speed = 0  # 0 = scale with size (1 px/frame at 32)
-    c.build.max_speed = 0  # 0 = scale with size (2 px/frame at 32)
+    c.build.max_speed = 0  # 0 = scale with size (2 px/frame at 32; 1 with centred_start at 32x32x8)
+    # Frame 0's object drawn from the box every motion fits from: the reference image says nothing about the motion.
+    c.build.centred_start = 1
     return c

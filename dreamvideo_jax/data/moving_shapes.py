@@ -3,6 +3,10 @@
 Deterministic by seed: clip ``i`` of split ``s`` is drawn from ``np.random.default_rng([seed, split_id, i])``,
 so any clip can be regenerated alone. The shape stays fully inside the frame in every frame and moves a whole
 number of pixels per frame (``speed``, along both axes for diagonals) on a static, faint sinusoidal grey texture.
+With ``centred_start`` (the default), frame 0's object lies in the central box from which every motion fits, so
+the first frame -- the reference image of image-to-video -- says nothing about where the object goes: the motion
+can only come from the caption. (Drawing the start from where *this* clip's motion fits would put left-movers on
+the right and so on; a model then reads the direction off the image and ignores the text.)
 
 Captions follow one grammar: ``"a {colour} {shape} moves {direction}"`` or ``"a {colour} {shape} stays still"``.
 Splits: ``train`` and ``validation`` draw from every (shape, colour, motion) combination except
@@ -118,8 +122,14 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
-    """Generation parameters. Object size and speed ranges of 0 scale with the frame size (6-10 px and
-    1-2 px/frame at 32x32)."""
+    """Generation parameters. Object sizes of 0 scale with the frame size (6-10 px at 32x32). Speeds of 0 scale
+    too (1-2 px/frame at 32x32), capped with ``centred_start`` so that the start box is not empty (1 px/frame at
+    32x32x8).
+
+    ``centred_start=1``: frame 0's object is drawn from the box ``[T, size - object - T]`` on both axes, where
+    ``T = (frames - 1) * max_speed`` is the longest travel, so its position is independent of the motion (and the
+    speed). ``0``: drawn from where this clip's own motion fits (the position then hints at the motion).
+    """
 
     size: int = 32
     frames: int = 8
@@ -127,16 +137,28 @@ class ClipSpec:
     max_object: int = 0
     min_speed: int = 0
     max_speed: int = 0
+    centred_start: int = 1
 
     def resolved(self) -> ClipSpec:
         s = self.size / 32.0
         lo, hi = self.min_object or max(3, round(6 * s)), self.max_object or max(3, round(10 * s))
-        vlo, vhi = self.min_speed or max(1, round(1 * s)), self.max_speed or max(1, round(2 * s))
-        spec = dataclasses.replace(self, min_object=lo, max_object=max(lo, hi), min_speed=vlo, max_speed=max(vlo, vhi))
+        hi = max(lo, hi)
+        vhi = max(1, round(2 * s))
+        if self.centred_start:
+            vhi = max(1, min(vhi, (self.size - hi) // (2 * max(1, self.frames - 1))))
+        vlo, vhi = self.min_speed or min(max(1, round(1 * s)), vhi), self.max_speed or vhi
+        spec = dataclasses.replace(self, min_object=lo, max_object=hi, min_speed=vlo, max_speed=max(vlo, vhi))
         if spec.max_object + (spec.frames - 1) * spec.min_speed > spec.size:
             raise ValueError(
                 f"a {spec.max_object}px object moving {spec.min_speed}px/frame for {spec.frames} frames does not "
                 f"fit in {spec.size}px; use fewer frames, a larger size or smaller objects."
+            )
+        travel = (spec.frames - 1) * spec.max_speed
+        if spec.centred_start and spec.max_object + 2 * travel > spec.size:
+            raise ValueError(
+                f"centred_start=1 needs room for a {spec.max_object}px object to move {travel}px either way from "
+                f"frame 0 ({spec.max_object} + 2*{travel} > {spec.size}px); use fewer frames, a larger size, "
+                "smaller objects or speeds, or centred_start=0 (the start position then hints at the motion)."
             )
         return spec
 
@@ -170,7 +192,10 @@ def generate_clip(seed: int, split: str, index: int, spec: ClipSpec = ClipSpec()
     travel = (spec.frames - 1) * speed
 
     def start(d):
-        lo, hi = (travel, room) if d < 0 else (0, room - travel) if d > 0 else (0, room)
+        if spec.centred_start:  # the same box for every motion and speed
+            lo, hi = (spec.frames - 1) * spec.max_speed, room - (spec.frames - 1) * spec.max_speed
+        else:
+            lo, hi = (travel, room) if d < 0 else (0, room - travel) if d > 0 else (0, room)
         return int(rng.integers(lo, hi + 1))
 
     x0, y0 = start(dx), start(dy)
@@ -215,14 +240,16 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
     max_object: int = 0
     min_speed: int = 0
     max_speed: int = 0
+    centred_start: int = 1
 
     @property
     def spec(self) -> ClipSpec:
-        return ClipSpec(self.size, self.frames, self.min_object, self.max_object, self.min_speed, self.max_speed)
+        return ClipSpec(self.size, self.frames, self.min_object, self.max_object, self.min_speed, self.max_speed,
+                        self.centred_start)
 
 
 _OPTION_KEYS = ("size", "frames", "num_train", "num_validation", "num_test", "seed", "min_object", "max_object",
-                "min_speed", "max_speed")  # fmt: skip
+                "min_speed", "max_speed", "centred_start")  # fmt: skip
 
 
 _REGISTERED: dict = {}  # name -> the config object registered in MovingShapes.BUILDER_CONFIGS
@@ -252,8 +279,11 @@ def make_config(**options) -> MovingShapesConfig:
 class MovingShapes(ArrayRecordBuilder):
     """Synthetic clips of a coloured shape moving as its caption says (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "centred_start (default on): frame 0's position no longer depends on the motion.",
+    }
     BUILDER_CONFIGS = [make_config()]
     _REGISTERED[BUILDER_CONFIGS[0].name] = BUILDER_CONFIGS[0]
     DEFAULT_CONFIG_NAME = BUILDER_CONFIGS[0].name
