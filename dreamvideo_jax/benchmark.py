@@ -561,6 +561,24 @@ def _trainable_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def available_bytes() -> int | None:
+    """Memory the OS can still give this process (``MemAvailable`` of /proc/meminfo), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# A point runs only if its compiled buffers (arguments + outputs + XLA temporaries) fit in this share of the
+# available memory; the rest is left for the host runtime. Larger points are reported as skipped, not run into
+# the OOM killer (which would take every suite's results with it).
+MEMORY_HEADROOM = 0.8
+
+
 def suite_scaling(s, cache) -> dict:
     m = bench_model_config(s["channels"], s["layers"])
     rows = []
@@ -571,9 +589,17 @@ def suite_scaling(s, cache) -> dict:
             continue
         seen.add((f, h))
         jb = _bench(cache, m, s, f, h)
-        t = jb.time_train(max(1, s["repeats"] - 1))
-        rows.append({"frames": f, "latent": h, "train_step_s": t, "flops": jb.train_flops(),
-                     "s_per_gflop": t / max(jb.train_flops(), 1) * 1e9})
+        mem = jb.memory()
+        need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
+        row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
+        avail = available_bytes()
+        if avail is not None and need > MEMORY_HEADROOM * avail:
+            row["skipped"] = (f"needs {need / 2**30:.1f} GiB of compiled buffers, {avail / 2**30:.1f} GiB "
+                              "available (model.remat=True or a larger machine)")
+        else:
+            t = jb.time_train(max(1, s["repeats"] - 1))
+            row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
+        rows.append(row)
         if jb is not cache.get("bench"):
             del jb
     return {"batch": s["batch"], "channels": list(s["channels"]), "points": rows}
@@ -754,6 +780,10 @@ def print_tables(res: dict) -> None:
         print(f"\n== scaling (ours, train step, batch {r['batch']}, channels {r['channels']}):")
         print(f"{'frames':>7s}{'latent':>8s}{'step s':>9s}{'GFLOP':>9s}{'ms/GFLOP':>10s}")
         for p in r["points"]:
+            if "skipped" in p:
+                print(f"{p['frames']:7d}{p['latent']:8d}{'-':>9s}{p['flops'] / 1e9:9.1f}{'-':>10s}  skipped: "
+                      f"{p['skipped']}")
+                continue
             print(f"{p['frames']:7d}{p['latent']:8d}{p['train_step_s']:9.3f}{p['flops'] / 1e9:9.1f}"
                   f"{p['s_per_gflop'] * 1e3:10.2f}")
     if "config" in res:
@@ -781,8 +811,19 @@ def print_tables(res: dict) -> None:
               + f"; total {res['total_wall_s']:.0f} s")
 
 
-def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes: dict | None = None) -> dict:
-    """Runs the suites in order; `suite_sizes` replaces `sizes(quick)` (the tests use tiny shapes)."""
+def write_json(res: dict, path: str) -> None:
+    """Writes `res` to `path` atomically (a reader never sees half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes: dict | None = None,
+        output: str = "") -> dict:
+    """Runs the suites in order; `suite_sizes` replaces `sizes(quick)` (the tests use tiny shapes). With
+    `output`, the results so far are written after every suite (`"complete": false` until the last one), so a
+    run that is killed keeps the suites it finished."""
     import torch
 
     torch.set_num_threads(_threads())
@@ -799,7 +840,10 @@ def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes
         _free_torch()  # the suite's PyTorch models died with its locals
         res[name]["suite_wall_s"] = res["suite_wall_s"][name] = time.perf_counter() - t0
         print(f"[{name}: {res[name]['suite_wall_s']:.0f} s]", file=sys.stderr, flush=True)
+        if output:
+            write_json({**res, "complete": False}, output)
     res["total_wall_s"] = time.perf_counter() - t_all
+    res["complete"] = True
     # Flat copies of the headline ratios at the top level.
     if "train" in res:
         res["train_step"] = res["train"]["train_step"]
@@ -820,11 +864,10 @@ def main(argv=None) -> dict:
     if a.suite == "config" and not a.config:
         p.error("--suite=config needs --config=configs/X.py[:arg]")
     suites = SUITES if a.suite == "all" else (a.suite,)
-    res = run(suites, a.quick, a.config, a.steps)
+    res = run(suites, a.quick, a.config, a.steps, output=a.output)
     print_tables(res)
     if a.output:
-        with open(a.output, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(res, a.output)
         print(f"\nwrote {a.output}")
     return res
 

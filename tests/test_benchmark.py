@@ -62,6 +62,28 @@ def test_measured_suites_on_tiny_shapes(capsys):
     assert set(res["memory"]["fsdp"]) == {"1", "2", "4", "8"}
     # The one scaling point is the shared bench's shape: no new compile.
     assert [(p["frames"], p["latent"]) for p in res["scaling"]["points"]] == [(2, 8)]
+    assert _positive(res["scaling"]["points"][0]["train_step_s"]) and res["complete"] is True
+
+
+def test_scaling_skips_points_that_do_not_fit_and_keeps_finished_suites(tmp_path, monkeypatch, capsys):
+    """A point whose compiled buffers exceed the available memory is reported, not run into the OOM killer;
+    the JSON is written after each suite, so a run killed later keeps what it finished."""
+    monkeypatch.setattr(benchmark, "available_bytes", lambda: 1024)
+    out = tmp_path / "bench.json"
+    on_disk = []
+    real = benchmark.write_json
+
+    def write_and_read_back(res, path):
+        real(res, path)
+        on_disk.append(json.loads(out.read_text()))
+
+    monkeypatch.setattr(benchmark, "write_json", write_and_read_back)
+    res = benchmark.run(("scaling",), suite_sizes=TINY, output=str(out))
+    (point,) = res["scaling"]["points"]
+    assert "train_step_s" not in point and "GiB available" in point["skipped"] and point["compiled_bytes"] > 1024
+    assert len(on_disk) == 1 and on_disk[0]["complete"] is False and on_disk[0]["scaling"]["points"] == [point]
+    benchmark.print_tables(res)
+    assert "skipped: needs" in capsys.readouterr().out
 
 
 def test_config_suite_arguments(tmp_path):
