@@ -23,6 +23,7 @@ each word distinct (0.58 at the direction word) for the U-Net's cross-attention 
 """
 
 from configs import modelscope_t2v
+from dreamvideo_jax.training.config import DEFAULT_TRAINABLE
 
 
 def get_config(arg=None):
@@ -79,7 +80,7 @@ def get_config(arg=None):
     if stage == "dreamvideo":
         tr.timestep_high_fraction = 0.6
         tr.timestep_high_start = 900
-        tr.trainable = (r"^unet/.*(temp_convs|temp_attentions|transformer_in|attn2)", r"^retention/", r"^image_conv/")
+        tr.trainable = DEFAULT_TRAINABLE["dreamvideo"] + (r"^unet/.*attn2",)  # + the primary's cross-attention
     # A save costs ~7 s of step time here; every 500 steps an interrupted demo loses at most ~4 min of training.
     tr.checkpoint_every = 500
     tr.keep_checkpoints = 1

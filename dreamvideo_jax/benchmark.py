@@ -561,16 +561,11 @@ def _trainable_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def available_bytes() -> int | None:
-    """Memory the OS can still give this process (``MemAvailable`` of /proc/meminfo), None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def available_bytes() -> int:
+    """Memory the OS can still give this process without swapping."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 # A point runs only if its compiled buffers (arguments + outputs + XLA temporaries) fit in this share of the
@@ -593,7 +588,7 @@ def suite_scaling(s, cache) -> dict:
         need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
         row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
         avail = available_bytes()
-        if avail is not None and need > MEMORY_HEADROOM * avail:
+        if need > MEMORY_HEADROOM * avail:
             row["skipped"] = (f"needs {need / 2**30:.1f} GiB of compiled buffers, {avail / 2**30:.1f} GiB "
                               "available (model.remat=True or a larger machine)")
         else:
@@ -811,20 +806,14 @@ def print_tables(res: dict) -> None:
               + f"; total {res['total_wall_s']:.0f} s")
 
 
-def write_json(res: dict, path: str) -> None:
-    """Writes `res` to `path` atomically (a reader never sees half a file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes: dict | None = None,
         output: str = "") -> dict:
     """Runs the suites in order; `suite_sizes` replaces `sizes(quick)` (the tests use tiny shapes). With
     `output`, the results so far are written after every suite (`"complete": false` until the last one), so a
     run that is killed keeps the suites it finished."""
     import torch
+
+    from dreamvideo_jax.sampling.outputs import write_json
 
     torch.set_num_threads(_threads())
     s = suite_sizes or sizes(quick)
@@ -841,7 +830,7 @@ def run(suites, quick=False, config_spec: str = "", steps: int = 10, suite_sizes
         res[name]["suite_wall_s"] = res["suite_wall_s"][name] = time.perf_counter() - t0
         print(f"[{name}: {res[name]['suite_wall_s']:.0f} s]", file=sys.stderr, flush=True)
         if output:
-            write_json({**res, "complete": False}, output)
+            write_json(output, {**res, "complete": False})
     res["total_wall_s"] = time.perf_counter() - t_all
     res["complete"] = True
     # Flat copies of the headline ratios at the top level.
@@ -867,7 +856,9 @@ def main(argv=None) -> dict:
     res = run(suites, a.quick, a.config, a.steps, output=a.output)
     print_tables(res)
     if a.output:
-        write_json(res, a.output)
+        from dreamvideo_jax.sampling.outputs import write_json
+
+        write_json(a.output, res)
         print(f"\nwrote {a.output}")
     return res
 

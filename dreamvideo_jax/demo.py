@@ -19,7 +19,6 @@ A second run reuses the trained checkpoints (training resumes at the last step, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -200,8 +199,7 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         + ["base (first-frame replacement): " + captions[len(MOTIONS) - 1], "two-stage: " + " | ".join(plots)]
         + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales],
     }
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    outputs.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics
 
 

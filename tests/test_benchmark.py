@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dreamvideo_jax import benchmark
+from dreamvideo_jax.sampling import outputs
 
 
 def _positive(x):
@@ -71,13 +72,13 @@ def test_scaling_skips_points_that_do_not_fit_and_keeps_finished_suites(tmp_path
     monkeypatch.setattr(benchmark, "available_bytes", lambda: 1024)
     out = tmp_path / "bench.json"
     on_disk = []
-    real = benchmark.write_json
+    real = outputs.write_json
 
-    def write_and_read_back(res, path):
-        real(res, path)
+    def write_and_read_back(path, obj):
+        real(path, obj)
         on_disk.append(json.loads(out.read_text()))
 
-    monkeypatch.setattr(benchmark, "write_json", write_and_read_back)
+    monkeypatch.setattr(outputs, "write_json", write_and_read_back)
     res = benchmark.run(("scaling",), suite_sizes=TINY, output=str(out))
     (point,) = res["scaling"]["points"]
     assert "train_step_s" not in point and "GiB available" in point["skipped"] and point["compiled_bytes"] > 1024

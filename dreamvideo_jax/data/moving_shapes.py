@@ -190,10 +190,11 @@ def generate_clip(seed: int, split: str, index: int, spec: ClipSpec = ClipSpec()
         max_fit = room // max(1, spec.frames - 1)
         speed = int(rng.integers(spec.min_speed, min(spec.max_speed, max_fit) + 1))
     travel = (spec.frames - 1) * speed
+    margin = (spec.frames - 1) * spec.max_speed  # centred_start: the same box for every motion and speed
 
     def start(d):
-        if spec.centred_start:  # the same box for every motion and speed
-            lo, hi = (spec.frames - 1) * spec.max_speed, room - (spec.frames - 1) * spec.max_speed
+        if spec.centred_start:
+            lo, hi = margin, room - margin
         else:
             lo, hi = (travel, room) if d < 0 else (0, room - travel) if d > 0 else (0, room)
         return int(rng.integers(lo, hi + 1))

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from dreamvideo_jax.sampling import inputs as I
+from dreamvideo_jax.sampling.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ class _Offset:
 
     def __getitem__(self, i):
         return self.source[self.start + int(i)]
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _data_config(config, user_config, *, dataset, data_dir, config_name, split, num_frames, height, width):
@@ -244,7 +238,7 @@ def evaluate(config=None, workdir: str | None = None, *, dataset: str, num_sampl
         bs = batch_size or (mesh.size if mesh is not None else jax.local_device_count())
         it = dp.make_eval_iterator(data_cfg, batch_size=bs, split=split, num_examples=num_samples - done,
                                    with_captions=True, with_metadata=False, source=_Offset(source, done))
-        _atomic_json(state_json, {"settings": settings, "weights": source_desc, "checkpoint_step": loaded_step})
+        write_json(state_json, {"settings": settings, "weights": source_desc, "checkpoint_step": loaded_step}, sort_keys=True)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -289,7 +283,7 @@ def evaluate(config=None, workdir: str | None = None, *, dataset: str, num_sampl
     }  # fmt: skip
     out = {"metrics": res["metrics"], "skipped": res["skipped"], "protocol": protocol, "notes": res["notes"]}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    _atomic_json(output, out)
+    write_json(output, out, sort_keys=True)
     line = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
     echo(f"wrote {output}: {line or 'no metrics'}")
     for k, why in res["skipped"].items():

@@ -7,6 +7,7 @@
   dithering, which does not flicker between frames), looping. Unlike Pillow's writer, identical consecutive
   frames are kept, so a GIF always has exactly the video's frame count.
 * ``.npz``: ``video`` uint8 ``(F, H, W, 3)`` plus whatever else is passed (latents, reference images, prompts).
+* ``.json``: :func:`write_json` (metrics and results files of the demo, the evaluation and the benchmarks).
 
 Both video formats go through the ffmpeg executable shipped with ``imageio-ffmpeg`` (no system ffmpeg needed).
 Files are written to a temporary name in the target folder and renamed, so an interrupted run never leaves a
@@ -15,6 +16,7 @@ truncated video under the requested name.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -156,6 +158,19 @@ def write_contact_sheet(path: str, rows: Sequence[np.ndarray], gap: int = 2) -> 
     tmp = _atomic(path)
     try:
         Image.fromarray(contact_sheet(rows, gap)).save(tmp, format="PNG")
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_json(path: str, obj: Any, sort_keys: bool = False) -> str:
+    """Writes `obj` as indented JSON; a reader (or a killed run) never sees half a file."""
+    tmp = _atomic(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
         _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
