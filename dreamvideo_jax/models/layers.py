@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dreamvideo_jax.models.attention import dot_product_attention
 from dreamvideo_jax.models.remat import remat
 from dreamvideo_jax.parallel import axes as ax
 
@@ -171,7 +172,7 @@ class AttentionPooling(nn.Module):
         x = jnp.concatenate([query, x], axis=1)
         proj = lambda name, y: dense(d, name, axes=(ax.EMBED, ax.HEADS), **kw)(y).reshape(
             b, y.shape[1], self.num_heads, d // self.num_heads)
-        pooled = jax.nn.dot_product_attention(proj("q_proj", query), proj("k_proj", x), proj("v_proj", x))
+        pooled = dot_product_attention(proj("q_proj", query), proj("k_proj", x), proj("v_proj", x))
         return pooled.reshape(b, d)
 
 
@@ -231,7 +232,7 @@ class Attention(nn.Module):
         proj = lambda name, y: dense(inner, name, use_bias=self.qkv_bias, axes=(ax.EMBED, ax.HEADS), **kw)(y)
         q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
         split = lambda y: y.reshape(y.shape[:-1] + (self.heads, self.dim_head))
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=self.is_causal)
+        o = dot_product_attention(split(q), split(k), split(v), is_causal=self.is_causal)
         o = o.reshape(o.shape[:-2] + (inner,))
         o = dense(out_dim, "to_out_0", axes=(ax.HEADS, ax.EMBED), **kw)(o)
         if o.shape[0] != batch:
