@@ -23,8 +23,9 @@ _f32 = jnp.float32
 
 
 def _probabilities(q, k, is_causal: bool):
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=_f32) * scale
+    # Scale the queries, not the logits: XLA:CPU would materialise the scalar as a (B, N, T, S) operand.
+    q = q.astype(_f32) * q.shape[-1] ** -0.5
+    s = jnp.einsum("btnh,bsnh->bnts", q, k.astype(_f32))
     if is_causal:
         t, n = s.shape[-2:]
         s = jnp.where(jnp.tril(jnp.ones((t, n), bool)), s, jnp.finfo(_f32).min)
@@ -54,9 +55,9 @@ def _attention_bwd(is_causal, res, do):
     dv = jnp.einsum("bnts,btnh->bsnh", p, do32)
     dp = jnp.einsum("btnh,bsnh->bnts", do32, v.astype(_f32))
     row = jnp.einsum("btnh,btnh->bnt", do32, o.astype(_f32))[..., None]
-    ds = p * (dp - row) * scale
-    dq = jnp.einsum("bnts,bsnh->btnh", ds, k.astype(_f32))
-    dk = jnp.einsum("bnts,btnh->bsnh", ds, q.astype(_f32))
+    ds = p * (dp - row)
+    dq = jnp.einsum("bnts,bsnh->btnh", ds, k.astype(_f32) * scale)
+    dk = jnp.einsum("bnts,btnh->bsnh", ds, q.astype(_f32) * scale)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
