@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -574,29 +574,57 @@ def available_bytes() -> int:
 MEMORY_HEADROOM = 0.8
 
 
+def extrapolated_bytes(known: list[tuple[float, int]], x: float) -> Optional[float]:
+    """Compiled bytes at `x` extrapolated along a line through the two largest known points below it, or None.
+
+    Along a scaling sweep the train step's buffers are the fixed parameter / optimizer bytes plus activations
+    that grow at least linearly in the swept size (frames, or latent pixels, where spatial attention is
+    quadratic), so this line under-estimates larger points: above the memory, the point need not be compiled.
+    """
+    below = sorted(p for p in known if p[0] < x)[-2:]
+    if len(below) < 2:
+        return None
+    (x0, b0), (x1, b1) = below
+    return b1 + (b1 - b0) / (x1 - x0) * (x - x1)
+
+
 def suite_scaling(s, cache) -> dict:
     m = bench_model_config(s["channels"], s["layers"])
-    rows = []
-    points = [(f, s["hw"]) for f in s["scaling"]["frames"]] + [(s["frames"], h) for h in s["scaling"]["hw"]]
-    seen = set()
-    for f, h in points:
-        if (f, h) in seen:
-            continue
-        seen.add((f, h))
-        jb = _bench(cache, m, s, f, h)
-        mem = jb.memory()
-        need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
-        row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
-        avail = available_bytes()
-        if need > MEMORY_HEADROOM * avail:
-            row["skipped"] = (f"needs {need / 2**30:.1f} GiB of compiled buffers, {avail / 2**30:.1f} GiB "
-                              "available (model.remat=True or a larger machine)")
-        else:
-            t = jb.time_train(max(1, s["repeats"] - 1))
-            row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
-        rows.append(row)
-        if jb is not cache.get("bench"):
-            del jb
+    rows, seen = [], {}
+    # Two sweeps through the bench shape: frames at the bench latent size, latent size at the bench frames.
+    sweeps = [[(f, s["hw"]) for f in s["scaling"]["frames"]], [(s["frames"], h) for h in s["scaling"]["hw"]]]
+    for axis, points in enumerate(sweeps):
+        known = []  # (swept size, compiled bytes) of this sweep's compiled points
+        for f, h in points:
+            x = f if axis == 0 else h * h
+            if (f, h) in seen:
+                known.append((x, seen[(f, h)]["compiled_bytes"]))
+                continue
+            avail = available_bytes()
+            guess = extrapolated_bytes(known, x)
+            if guess is not None and guess > MEMORY_HEADROOM * avail:
+                row = {"frames": f, "latent": h, "compiled_bytes_at_least": int(guess),
+                       "skipped": f"needs >= {guess / 2**30:.1f} GiB of compiled buffers (extrapolated from the "
+                                  f"smaller points), {avail / 2**30:.1f} GiB available (model.remat=True or a "
+                                  "larger machine)"}
+                rows.append(row)
+                seen[(f, h)] = row
+                continue
+            jb = _bench(cache, m, s, f, h)
+            mem = jb.memory()
+            need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
+            row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
+            if need > MEMORY_HEADROOM * avail:
+                row["skipped"] = (f"needs {need / 2**30:.1f} GiB of compiled buffers, {avail / 2**30:.1f} GiB "
+                                  "available (model.remat=True or a larger machine)")
+            else:
+                t = jb.time_train(max(1, s["repeats"] - 1))
+                row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
+            rows.append(row)
+            seen[(f, h)] = row
+            known.append((x, need))
+            if jb is not cache.get("bench"):
+                del jb
     return {"batch": s["batch"], "channels": list(s["channels"]), "points": rows}
 
 
@@ -776,8 +804,8 @@ def print_tables(res: dict) -> None:
         print(f"{'frames':>7s}{'latent':>8s}{'step s':>9s}{'GFLOP':>9s}{'ms/GFLOP':>10s}")
         for p in r["points"]:
             if "skipped" in p:
-                print(f"{p['frames']:7d}{p['latent']:8d}{'-':>9s}{p['flops'] / 1e9:9.1f}{'-':>10s}  skipped: "
-                      f"{p['skipped']}")
+                gflop = f"{p['flops'] / 1e9:9.1f}" if "flops" in p else f"{'-':>9s}"
+                print(f"{p['frames']:7d}{p['latent']:8d}{'-':>9s}{gflop}{'-':>10s}  skipped: {p['skipped']}")
                 continue
             print(f"{p['frames']:7d}{p['latent']:8d}{p['train_step_s']:9.3f}{p['flops'] / 1e9:9.1f}"
                   f"{p['s_per_gflop'] * 1e3:10.2f}")

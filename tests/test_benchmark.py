@@ -87,6 +87,55 @@ def test_scaling_skips_points_that_do_not_fit_and_keeps_finished_suites(tmp_path
     assert "skipped: needs" in capsys.readouterr().out
 
 
+def test_extrapolation_is_a_line_through_the_two_largest_smaller_points():
+    assert benchmark.extrapolated_bytes([(8, 100)], 32) is None  # one point: no line
+    assert benchmark.extrapolated_bytes([(8, 100), (16, 180)], 32) == 340
+    # the two largest points below x, whatever their order; points above x are ignored
+    assert benchmark.extrapolated_bytes([(16, 180), (2, 5), (8, 100), (64, 10**9)], 32) == 340
+
+
+def test_scaling_does_not_compile_points_whose_extrapolation_exceeds_memory(monkeypatch, capsys):
+    """Memory grows at least linearly along a sweep, so a point whose extrapolated bytes are already too many is
+    reported without compiling it (at the default size that saves two ~1-minute compiles)."""
+    gib = 2**30
+    compiled = []
+
+    class FakeBench:  # compiled bytes affine in frames and in latent pixels, as the real step's
+        def __init__(self, f, h):
+            self.f, self.h = f, h
+
+        def memory(self):
+            return dict(temp_bytes=(self.f // 8) * (self.h * self.h // 256) * gib, argument_bytes=0,
+                        output_bytes=0)
+
+        def train_flops(self):
+            return 1e9
+
+        def time_train(self, repeats):
+            return 0.5
+
+    def fake_bench(cache, m, s, f=None, h=None):
+        compiled.append((f, h))
+        return FakeBench(f, h)
+
+    monkeypatch.setattr(benchmark, "_bench", fake_bench)
+    monkeypatch.setattr(benchmark, "available_bytes", lambda: 9.5 * gib)  # 7.6 GiB usable at 0.8 headroom
+    sizes = dict(channels=(32, 64), layers=1, frames=8, hw=16, batch=1, repeats=2,
+                 scaling=dict(frames=(8, 16, 32, 64), hw=(16, 32, 64)))
+    rows = {(p["frames"], p["latent"]): p for p in benchmark.suite_scaling(sizes, {})["points"]}
+    # frames 8, 16, 32 need 1, 2, 4 GiB; 64 frames: the line says 8 GiB, over 7.6 usable -> not compiled.
+    # latent 32: 4 GiB, compiled; 64: the line says 16 GiB -> not compiled.
+    assert compiled == [(8, 16), (16, 16), (32, 16), (8, 32)]
+    assert [k for k, p in rows.items() if "train_step_s" in p] == [(8, 16), (16, 16), (32, 16), (8, 32)]
+    for key, need in (((64, 16), 8), ((8, 64), 16)):
+        assert "compiled_bytes" not in rows[key] and rows[key]["compiled_bytes_at_least"] == need * gib
+        assert "needs >= %.1f GiB" % need in rows[key]["skipped"] and "extrapolated" in rows[key]["skipped"]
+    res = {"machine": benchmark.machine_info(), "scaling": {"batch": 1, "channels": [32, 64],
+                                                            "points": list(rows.values())}}
+    benchmark.print_tables(res)
+    assert "needs >= 16.0 GiB" in capsys.readouterr().out
+
+
 def test_config_suite_arguments(tmp_path):
     cfg = benchmark.load_config("configs/tiny.py")
     assert int(cfg.num_frames) == 4
