@@ -598,7 +598,8 @@ def suite_scaling(s, cache) -> dict:
         for f, h in points:
             x = f if axis == 0 else h * h
             if (f, h) in seen:
-                known.append((x, seen[(f, h)]["compiled_bytes"]))
+                prev = seen[(f, h)]
+                known.append((x, prev.get("compiled_bytes", prev.get("compiled_bytes_at_least"))))
                 continue
             avail = available_bytes()
             guess = extrapolated_bytes(known, x)

@@ -66,10 +66,42 @@ def test_measured_suites_on_tiny_shapes(capsys):
     assert _positive(res["scaling"]["points"][0]["train_step_s"]) and res["complete"] is True
 
 
+class FakeBench:
+    """Stands in for `JaxBench` in the scaling suite: compiled bytes affine in frames and in latent pixels
+    (1 GiB at 8 frames x 16^2), as the real step's; no compiling."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+
+    def memory(self):
+        return dict(temp_bytes=(self.f // 8) * (self.h * self.h // 256) * 2**30, argument_bytes=0, output_bytes=0)
+
+    def train_flops(self):
+        return 1e9
+
+    def time_train(self, repeats):
+        return 0.5
+
+
+def _fake_benches(monkeypatch):
+    compiled = []
+
+    def fake_bench(cache, m, s, f=None, h=None):
+        compiled.append((f or s["frames"], h or s["hw"]))
+        return FakeBench(*compiled[-1])
+
+    monkeypatch.setattr(benchmark, "_bench", fake_bench)
+    return compiled
+
+
+SCALING = dict(channels=(32, 64), layers=1, frames=8, hw=16, batch=1, repeats=2, scaling=dict(frames=(8,), hw=(16,)))
+
+
 def test_scaling_skips_points_that_do_not_fit_and_keeps_finished_suites(tmp_path, monkeypatch, capsys):
     """A point whose compiled buffers exceed the available memory is reported, not run into the OOM killer;
     the JSON is written after each suite, so a run killed later keeps what it finished."""
-    monkeypatch.setattr(benchmark, "available_bytes", lambda: 1024)
+    _fake_benches(monkeypatch)
+    monkeypatch.setattr(benchmark, "available_bytes", lambda: 2**30)  # the 1 GiB point needs more than 80% of it
     out = tmp_path / "bench.json"
     on_disk = []
     real = outputs.write_json
@@ -79,12 +111,12 @@ def test_scaling_skips_points_that_do_not_fit_and_keeps_finished_suites(tmp_path
         on_disk.append(json.loads(out.read_text()))
 
     monkeypatch.setattr(outputs, "write_json", write_and_read_back)
-    res = benchmark.run(("scaling",), suite_sizes=TINY, output=str(out))
+    res = benchmark.run(("scaling",), suite_sizes=SCALING, output=str(out))
     (point,) = res["scaling"]["points"]
-    assert "train_step_s" not in point and "GiB available" in point["skipped"] and point["compiled_bytes"] > 1024
+    assert "train_step_s" not in point and "GiB available" in point["skipped"] and point["compiled_bytes"] == 2**30
     assert len(on_disk) == 1 and on_disk[0]["complete"] is False and on_disk[0]["scaling"]["points"] == [point]
     benchmark.print_tables(res)
-    assert "skipped: needs" in capsys.readouterr().out
+    assert "skipped: needs 1.0 GiB" in capsys.readouterr().out
 
 
 def test_extrapolation_is_a_line_through_the_two_largest_smaller_points():
@@ -98,30 +130,9 @@ def test_scaling_does_not_compile_points_whose_extrapolation_exceeds_memory(monk
     """Memory grows at least linearly along a sweep, so a point whose extrapolated bytes are already too many is
     reported without compiling it (at the default size that saves two ~1-minute compiles)."""
     gib = 2**30
-    compiled = []
-
-    class FakeBench:  # compiled bytes affine in frames and in latent pixels, as the real step's
-        def __init__(self, f, h):
-            self.f, self.h = f, h
-
-        def memory(self):
-            return dict(temp_bytes=(self.f // 8) * (self.h * self.h // 256) * gib, argument_bytes=0,
-                        output_bytes=0)
-
-        def train_flops(self):
-            return 1e9
-
-        def time_train(self, repeats):
-            return 0.5
-
-    def fake_bench(cache, m, s, f=None, h=None):
-        compiled.append((f, h))
-        return FakeBench(f, h)
-
-    monkeypatch.setattr(benchmark, "_bench", fake_bench)
+    compiled = _fake_benches(monkeypatch)
     monkeypatch.setattr(benchmark, "available_bytes", lambda: 9.5 * gib)  # 7.6 GiB usable at 0.8 headroom
-    sizes = dict(channels=(32, 64), layers=1, frames=8, hw=16, batch=1, repeats=2,
-                 scaling=dict(frames=(8, 16, 32, 64), hw=(16, 32, 64)))
+    sizes = dict(SCALING, scaling=dict(frames=(8, 16, 32, 64), hw=(16, 32, 64)))
     rows = {(p["frames"], p["latent"]): p for p in benchmark.suite_scaling(sizes, {})["points"]}
     # frames 8, 16, 32 need 1, 2, 4 GiB; 64 frames: the line says 8 GiB, over 7.6 usable -> not compiled.
     # latent 32: 4 GiB, compiled; 64: the line says 16 GiB -> not compiled.

@@ -27,8 +27,8 @@ def _probabilities(q, k, is_causal: bool):
     q = q.astype(_f32) * q.shape[-1] ** -0.5
     s = jnp.einsum("btnh,bsnh->bnts", q, k.astype(_f32))
     if is_causal:
-        t, n = s.shape[-2:]
-        s = jnp.where(jnp.tril(jnp.ones((t, n), bool)), s, jnp.finfo(_f32).min)
+        t, s_len = s.shape[-2:]
+        s = jnp.where(jnp.tril(jnp.ones((t, s_len), bool)), s, jnp.finfo(_f32).min)
     return jax.nn.softmax(s, axis=-1)
 
 
@@ -54,7 +54,8 @@ def _attention_bwd(is_causal, res, do):
     do32 = do.astype(_f32)
     dv = jnp.einsum("bnts,btnh->bsnh", p, do32)
     dp = jnp.einsum("btnh,bsnh->bnts", do32, v.astype(_f32))
-    # rowsum(dO ∘ O) as a reduction: as an einsum it became a batched dot with unit output, 2x the attention.
+    # rowsum(dO ∘ O) as a reduction: written as an einsum, XLA:CPU made it a batched dot with a unit output
+    # dimension that took more time than any of the backward's four matmuls.
     row = jnp.swapaxes(jnp.sum(do32 * o.astype(_f32), axis=-1), 1, 2)[..., None]
     ds = p * (dp - row)
     dq = jnp.einsum("bnts,bsnh->btnh", ds, k.astype(_f32) * scale)
