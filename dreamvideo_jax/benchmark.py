@@ -588,45 +588,46 @@ def extrapolated_bytes(known: list[tuple[float, int]], x: float) -> Optional[flo
     return b1 + (b1 - b0) / (x1 - x0) * (x - x1)
 
 
+def _too_big(need: float, avail: int, extrapolated: bool) -> str:
+    how = ">= {:.1f} GiB of compiled buffers (extrapolated from the smaller points)" if extrapolated else \
+        "{:.1f} GiB of compiled buffers"
+    return (f"needs {how.format(need / 2**30)}, {avail / 2**30:.1f} GiB available "
+            "(model.remat=True or a larger machine)")
+
+
 def suite_scaling(s, cache) -> dict:
     m = bench_model_config(s["channels"], s["layers"])
-    rows, seen = [], {}
+    rows, bytes_at = [], {}  # bytes_at: (frames, latent) -> compiled bytes (or their lower bound)
     # Two sweeps through the bench shape: frames at the bench latent size, latent size at the bench frames.
-    sweeps = [[(f, s["hw"]) for f in s["scaling"]["frames"]], [(s["frames"], h) for h in s["scaling"]["hw"]]]
-    for axis, points in enumerate(sweeps):
-        known = []  # (swept size, compiled bytes) of this sweep's compiled points
-        for f, h in points:
-            x = f if axis == 0 else h * h
-            if (f, h) in seen:
-                prev = seen[(f, h)]
-                known.append((x, prev.get("compiled_bytes", prev.get("compiled_bytes_at_least"))))
-                continue
-            avail = available_bytes()
-            guess = extrapolated_bytes(known, x)
-            if guess is not None and guess > MEMORY_HEADROOM * avail:
-                row = {"frames": f, "latent": h, "compiled_bytes_at_least": int(guess),
-                       "skipped": f"needs >= {guess / 2**30:.1f} GiB of compiled buffers (extrapolated from the "
-                                  f"smaller points), {avail / 2**30:.1f} GiB available (model.remat=True or a "
-                                  "larger machine)"}
-                rows.append(row)
-                seen[(f, h)] = row
-                continue
-            jb = _bench(cache, m, s, f, h)
-            mem = jb.memory()
-            need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
-            row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
-            if need > MEMORY_HEADROOM * avail:
-                row["skipped"] = (f"needs {need / 2**30:.1f} GiB of compiled buffers, {avail / 2**30:.1f} GiB "
-                                  "available (model.remat=True or a larger machine)")
-            else:
-                t = jb.time_train(max(1, s["repeats"] - 1))
-                row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
-            rows.append(row)
-            seen[(f, h)] = row
-            known.append((x, need))
-            if jb is not cache.get("bench"):
-                del jb
+    sweeps = [[(f, s["hw"], f) for f in s["scaling"]["frames"]],
+              [(s["frames"], h, h * h) for h in s["scaling"]["hw"]]]
+    for points in sweeps:
+        known = []  # (swept size, bytes) of this sweep's points so far
+        for f, h, x in points:
+            if (f, h) not in bytes_at:
+                rows.append(_scaling_point(cache, m, s, f, h, extrapolated_bytes(known, x)))
+                bytes_at[(f, h)] = rows[-1].get("compiled_bytes", rows[-1].get("compiled_bytes_at_least"))
+            known.append((x, bytes_at[(f, h)]))
     return {"batch": s["batch"], "channels": list(s["channels"]), "points": rows}
+
+
+def _scaling_point(cache, m, s, f, h, guess) -> dict:
+    """One scaling row: skipped without compiling if the extrapolated bytes `guess` cannot fit, skipped after
+    compiling if the compiled bytes cannot, timed otherwise."""
+    avail = available_bytes()
+    if guess is not None and guess > MEMORY_HEADROOM * avail:
+        return {"frames": f, "latent": h, "compiled_bytes_at_least": int(guess),
+                "skipped": _too_big(guess, avail, extrapolated=True)}
+    jb = _bench(cache, m, s, f, h)
+    mem = jb.memory()
+    need = mem["temp_bytes"] + mem["argument_bytes"] + mem["output_bytes"]
+    row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
+    if need > MEMORY_HEADROOM * avail:
+        row["skipped"] = _too_big(need, avail, extrapolated=False)
+    else:
+        t = jb.time_train(max(1, s["repeats"] - 1))
+        row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
+    return row
 
 
 def suite_fullsize(s, cache) -> dict:

@@ -238,7 +238,8 @@ def evaluate(config=None, workdir: str | None = None, *, dataset: str, num_sampl
         bs = batch_size or (mesh.size if mesh is not None else jax.local_device_count())
         it = dp.make_eval_iterator(data_cfg, batch_size=bs, split=split, num_examples=num_samples - done,
                                    with_captions=True, with_metadata=False, source=_Offset(source, done))
-        write_json(state_json, {"settings": settings, "weights": source_desc, "checkpoint_step": loaded_step}, sort_keys=True)
+        write_json(state_json, {"settings": settings, "weights": source_desc, "checkpoint_step": loaded_step},
+                   sort_keys=True)
         bar = None
         if progress:
             from tqdm import tqdm

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dreamvideo_jax.models import layers as L
+from dreamvideo_jax.models.attention import dot_product_attention
 from dreamvideo_jax.parallel import axes as ax
 
 ACTIVATIONS = {
@@ -80,7 +81,7 @@ class CLIPAttention(nn.Module):
         head_dim = c.width // c.num_heads
         split = lambda y: y.reshape(y.shape[:-1] + (c.num_heads, head_dim))
         q, k, v = (split(L.dense(c.width, n, axes=(ax.EMBED, ax.HEADS), **kw)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        o = L.dot_product_attention(q, k, v, is_causal=True)
+        o = dot_product_attention(q, k, v, is_causal=True)
         return L.dense(c.width, "out_proj", axes=(ax.HEADS, ax.EMBED), **kw)(o.reshape(x.shape))
 
 
