@@ -15,6 +15,8 @@ r"""The moving-shapes demo: the paper's recipe at toy scale, on a CPU, in minute
    DreamVideo and for the base; plus wall time. Videos (GIF/MP4) and one PNG contact sheet.
 
 A second run reuses the trained checkpoints (training resumes at the last step, i.e. does nothing).
+On a CPU-only machine the batches are split over one XLA device per core (`--cpu_devices`): XLA:CPU runs each
+convolution on one core, so a single device leaves the others mostly idle (parallel/host_cpu.py).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ flags.DEFINE_integer("stage2_steps", None, "Override stage-2 training steps.")
 flags.DEFINE_integer("sample_steps", None, "Override sampling steps.")
 flags.DEFINE_integer("num_images", 8, "Held-out test images, each animated with every motion prompt.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
+flags.DEFINE_integer("cpu_devices", 0, "On a CPU-only machine, XLA devices to split each batch over: 0 = one per core "
+                     "(a power of two, at most 8; parallel/host_cpu.py), 1 = a single device. An explicit "
+                     "--xla_force_host_platform_device_count in XLA_FLAGS wins.")
 FLAGS = flags.FLAGS
 
 STAGE1, STAGE2 = "stage1_t2v", "stage2_dreamvideo"
@@ -107,6 +112,8 @@ def _metrics(videos, captions, images) -> dict:
 def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_steps=None, stage2_steps=None,
         sample_steps=None, num_images: int = 8, progress: bool = True) -> dict:
     """Runs (or resumes) the whole demo; returns the metrics written to `workdir/metrics.json`."""
+    import jax
+
     from dreamvideo_jax.data.moving_shapes import MOTIONS, caption_for
     from dreamvideo_jax.sampling import outputs
     from dreamvideo_jax.sampling.pipeline import Sampler
@@ -192,7 +199,7 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     metrics["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     metrics["timings"] = timings
     metrics["setup"] = {
-        "held_out_images": n, "prompts_per_image": len(MOTIONS), "videos": len(captions),
+        "devices": jax.device_count(), "held_out_images": n, "prompts_per_image": len(MOTIONS), "videos": len(captions),
         "sampler": config2.sample.sampler, "steps": int(kw.get("steps", config2.sample.steps)),
         "text_guidance": float(config2.sample.text_guidance), "image_guidance": float(config2.sample.image_guidance),
         "contact_sheet_rows": ["DreamVideo, first test image, prompt: " + captions[j] for j in range(len(MOTIONS))]
@@ -217,6 +224,9 @@ def _jsonable(x):
 
 def main(argv):
     del argv
+    from dreamvideo_jax.parallel.host_cpu import use_one_device_per_core
+
+    use_one_device_per_core(FLAGS.cpu_devices)  # before anything imports jax
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     m = run(FLAGS.workdir, FLAGS.config, stage1_steps=FLAGS.stage1_steps, stage2_steps=FLAGS.stage2_steps,
             sample_steps=FLAGS.sample_steps, num_images=FLAGS.num_images, progress=FLAGS.progress)
