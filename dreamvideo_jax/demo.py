@@ -199,7 +199,8 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     metrics["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     metrics["timings"] = timings
     metrics["setup"] = {
-        "devices": jax.device_count(), "held_out_images": n, "prompts_per_image": len(MOTIONS), "videos": len(captions),
+        "devices": jax.device_count(), "held_out_images": n, "prompts_per_image": len(MOTIONS),
+        "videos": len(captions),
         "sampler": config2.sample.sampler, "steps": int(kw.get("steps", config2.sample.steps)),
         "text_guidance": float(config2.sample.text_guidance), "image_guidance": float(config2.sample.image_guidance),
         "contact_sheet_rows": ["DreamVideo, first test image, prompt: " + captions[j] for j in range(len(MOTIONS))]
