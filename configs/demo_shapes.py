@@ -10,7 +10,8 @@ t~900, so the caption only matters in the top timesteps. Hence a zero-terminal-S
 sampling (the first step is pure noise, as in training), 60% of the stage-2 samples drawn from t >= 900, and the
 primary's cross-attention trained in stage 2: the paper freezes it because its base already follows text, while
 a 4-minute base does not. Direction accuracy on 36 held-out videos: 0.06 with none of these, 0.31 with all but
-the cross-attention, 0.50 with all (the same stage-1 base for the last two); the full demo (72 videos): 0.56, and 0.75 with 1,200 stage-2 steps.
+the cross-attention, 0.50 with all (the same stage-1 base for the last two); the full demo (72 videos): 0.56
+after 900 stage-2 steps, 0.75 with the default 600 + 1,200 steps.
 
   python -m dreamvideo_jax.demo --workdir=runs/demo          # both stages, then sampling and metrics
   python -m dreamvideo_jax.train --config=configs/demo_shapes.py:t2v --workdir=runs/demo/stage1_t2v
