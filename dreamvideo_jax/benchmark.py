@@ -24,6 +24,11 @@ same number of CPU threads; the machines are noisy, so compare the ratios, not a
            batches; `train_step_benchmark`), as `python -m dreamvideo_jax.training.benchmark` prints it. Not in
            `all`.
 
+`--retain_freed_memory` keeps freed memory in the process for both frameworks (parallel/host_cpu.py). By default
+glibc hands every large block back to the kernel on free, so each default-size train step faults its 4.4 GiB of
+XLA temporaries in again (1.28 M page faults, ~4.8 s of system time); retained, 0 faults, but malloc's single
+arena slows XLA's compiles by 20-35 s each, so it is off by default (WORKSPACE.md, Benchmarks).
+
 `all` runs the first five in one process; the suites share the compiled train step and its parameters, and the
 PyTorch models are freed as soon as their suite ends. Each suite's wall time is in the table and the JSON
 (`suite_wall_s`).
@@ -83,12 +88,14 @@ def bench_model_config(channels=(64, 128, 256), layers=2, head_dim=32, cross_dim
 def sizes(quick: bool) -> dict:
     if quick:
         return dict(channels=(32, 64), layers=1, frames=8, hw=16, batch=1, repeats=2,
-                    sample=dict(channels=(32, 64), layers=1, frames=4, hw=8, batch=1, steps=25),
+                    sample=dict(channels=(32, 64), layers=1, frames=4, hw=8, batch=1, steps=25, repeats=1),
                     scaling=dict(frames=(4, 8), hw=(8, 16)), matmul=1024)
     # Without remat the train step at 16 frames x 32^2 x batch 2 needs 23.5 GiB of XLA temp memory (compiled
     # memory analysis; 5.8 GiB with remat): too much for a 24 GiB machine next to PyTorch, so batch 1 x 8 frames.
     return dict(channels=(64, 128, 256), layers=2, frames=8, hw=32, batch=1, repeats=3,
-                sample=dict(channels=(32, 64, 128), layers=2, frames=8, hw=16, batch=1, steps=25),
+                # One timed sampling run each (after ours' compiling call and torch's warm-up forward): 15-23 s
+                # apiece, and the ratio (0.64) is far from the goal (0.8).
+                sample=dict(channels=(32, 64, 128), layers=2, frames=8, hw=16, batch=1, steps=25, repeats=1),
                 scaling=dict(frames=(8, 16, 32), hw=(16, 32, 64)), matmul=2048)
 
 
@@ -318,7 +325,7 @@ def suite_train(s, cache) -> dict:
     m = bench_model_config(s["channels"], s["layers"])
     jb = _bench(cache, m, s)
     ours_fwd = jb.time_forward(s["repeats"])
-    ours_train = jb.time_train(s["repeats"])
+    ours_train = cache["train_step_s"] = jb.time_train(s["repeats"])
 
     tm = TorchDreamVideo(m)
     inp = _torch_inputs(m, s["batch"], s["frames"], s["hw"])
@@ -433,7 +440,7 @@ def suite_sample(s, cache) -> dict:
     t0 = time.perf_counter()
     ours()
     first = time.perf_counter() - t0
-    ours_s = _median_time(ours, max(1, s["repeats"] - 1), warmup=0)
+    ours_s = _median_time(ours, c["repeats"], warmup=0)
 
     tm = TorchDreamVideo(m)
     inp = _torch_inputs(m, b, f, hw)
@@ -462,7 +469,7 @@ def suite_sample(s, cache) -> dict:
 
     with torch.no_grad():  # warm-up: one forward (a whole sampling run as warm-up cost minutes under load)
         tm(inp["sample"], torch.full((b,), ts[0], dtype=torch.long), inp["ctx"], inp["image"])
-    torch_s = _median_time(reference, max(1, s["repeats"] - 1), warmup=0)
+    torch_s = _median_time(reference, c["repeats"], warmup=0)
     out = _ratio(ours_s, torch_s)
     out["ours_first_call_s"] = first
     return {"config": dict(channels=list(c["channels"]), layers_per_block=c["layers"], frames=f, latent=hw, batch=b, steps=steps,
@@ -562,10 +569,12 @@ def _trainable_mask(params) -> Any:
 
 
 def available_bytes() -> int:
-    """Memory the OS can still give this process without swapping."""
+    """Memory this process can still get without swapping: what the OS has, plus what malloc holds free here."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    from dreamvideo_jax.parallel.host_cpu import retained_free_bytes
+
+    return int(psutil.virtual_memory().available) + retained_free_bytes()
 
 
 # A point runs only if its compiled buffers (arguments + outputs + XLA temporaries) fit in this share of the
@@ -624,6 +633,9 @@ def _scaling_point(cache, m, s, f, h, guess) -> dict:
     row = {"frames": f, "latent": h, "flops": jb.train_flops(), "compiled_bytes": need}
     if need > MEMORY_HEADROOM * avail:
         row["skipped"] = _too_big(need, avail, extrapolated=False)
+    elif (f, h) == (s["frames"], s["hw"]) and "train_step_s" in cache:  # the train suite timed this very step
+        t = cache["train_step_s"]
+        row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9, timed_by="train suite")
     else:
         t = jb.time_train(max(1, s["repeats"] - 1))
         row.update(train_step_s=t, s_per_gflop=t / max(row["flops"], 1) * 1e9)
@@ -750,9 +762,11 @@ def machine_info() -> dict:
     import jax
     import torch
 
+    from dreamvideo_jax.parallel.host_cpu import freed_memory_retained
+
     return {"cores": os.cpu_count(), "threads": _threads(), "python": platform.python_version(),
             "machine": platform.machine(), "jax": jax.__version__, "torch": torch.__version__,
-            "devices": str(jax.devices())}
+            "devices": str(jax.devices()), "freed_memory_retained": freed_memory_retained()}
 
 
 def _g(x):
@@ -766,7 +780,7 @@ def _gib(b):
 def print_tables(res: dict) -> None:
     mi = res["machine"]
     print(f"\n== machine: {mi['cores']} cores, {mi['threads']} threads, python {mi['python']}, jax {mi['jax']}, "
-          f"torch {mi['torch']}")
+          f"torch {mi['torch']}, freed memory {'retained' if mi.get('freed_memory_retained') else 'returned to the kernel'}")
     if "train" in res:
         r = res["train"]
         c = r["config"]
@@ -879,9 +893,16 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     p.add_argument("--config", default="", help="--suite=config: config file, configs/X.py[:arg]")
     p.add_argument("--steps", type=int, default=10, help="--suite=config: timed train steps")
+    p.add_argument("--retain_freed_memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep freed memory in the process for both frameworks (parallel/host_cpu.py): no page "
+                        "faults per step, slower compiles")
     a = p.parse_args(argv)
     if a.suite == "config" and not a.config:
         p.error("--suite=config needs --config=configs/X.py[:arg]")
+    if a.retain_freed_memory:
+        from dreamvideo_jax.parallel.host_cpu import retain_freed_memory
+
+        retain_freed_memory()
     suites = SUITES if a.suite == "all" else (a.suite,)
     res = run(suites, a.quick, a.config, a.steps, output=a.output)
     print_tables(res)

@@ -22,6 +22,7 @@ def test_fullsize_suite_writes_json(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert set(res) >= {"machine", "fullsize"}
     assert res["machine"]["cores"] >= 1 and res["machine"]["jax"]
+    assert res["machine"]["freed_memory_retained"] is False
     r = res["fullsize"]
     p, f = r["params"], r["flops"]
     # Primary U-Net (~1.4e9 at ms-1.7b size) + retention branch copy of its encoder half.
