@@ -779,8 +779,9 @@ def _gib(b):
 
 def print_tables(res: dict) -> None:
     mi = res["machine"]
+    kept = "retained" if mi.get("freed_memory_retained") else "returned to the kernel"
     print(f"\n== machine: {mi['cores']} cores, {mi['threads']} threads, python {mi['python']}, jax {mi['jax']}, "
-          f"torch {mi['torch']}, freed memory {'retained' if mi.get('freed_memory_retained') else 'returned to the kernel'}")
+          f"torch {mi['torch']}, freed memory {kept}")
     if "train" in res:
         r = res["train"]
         c = r["config"]
