@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -77,6 +78,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _retained = False
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def retain_freed_memory() -> bool:
     """Makes glibc's malloc keep freed memory for reuse instead of returning it to the kernel; returns whether
     it applies (glibc only; elsewhere nothing changes).
@@ -88,9 +94,8 @@ def retain_freed_memory() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)):
-        if libc.mallopt(param, value) != 1:
+        if _libc().mallopt(param, value) != 1:
             raise OSError(f"mallopt({param}, {value}) failed")
     global _retained
     _retained = True
@@ -112,7 +117,7 @@ def retained_free_bytes() -> int:
     ``mallinfo2``): the OS counts them as used, but this process's next allocations get them first."""
     if not _retained:
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
     if not hasattr(libc, "mallinfo2"):
         return 0
     libc.mallinfo2.restype = _MallInfo2
