@@ -90,6 +90,27 @@ def test_init_equals_primary_and_zero_convs_matter(cfg, params, apply, apply_une
     assert np.abs(a - b).max() > 1e-5
 
 
+def test_reference_skip_starts_at_zero_and_adds_the_gated_latent_to_every_frame():
+    m = tiny.get_config().model
+    m.retention.image_input = "latent"
+    m.retention.reference_skip = True
+    model = build.build_dreamvideo(m)
+    params = nn.meta.unbox(build.init_dreamvideo(m, jax.random.key(0))["params"])
+    lc = build.latent_channels(m)
+    assert params["reference_skip"]["gate"].shape == (lc,) and not np.asarray(params["reference_skip"]["gate"]).any()
+    x, t, c, _ = _inputs(m, 2, 3, 4, 4)
+    latent = np.random.RandomState(3).randn(2, 4, 4, lc).astype(np.float32)
+    apply = jax.jit(model.apply)
+    primary = np.asarray(jax.jit(lambda v, *a: model.apply(v, *a, method="unet_only"))({"params": params}, x, t, c))
+    np.testing.assert_array_equal(np.asarray(apply({"params": params}, x, t, c, latent)), primary)
+    gate = np.linspace(-1, 1, lc).astype(np.float32)
+    gated = np.asarray(apply({"params": {**params, "reference_skip": {"gate": gate}}}, x, t, c, latent))
+    np.testing.assert_allclose(gated - primary, np.broadcast_to(gate * latent[:, None], x.shape), atol=1e-5)
+    # A dropped image condition (zeros) adds nothing.
+    dropped = np.asarray(apply({"params": {**params, "reference_skip": {"gate": gate}}}, x, t, c, np.zeros_like(latent)))
+    np.testing.assert_array_equal(dropped, primary)
+
+
 def test_fresh_unet_is_frame_by_frame(cfg, params, apply_unet):
     x, t, c, _ = _inputs(cfg, 2, 4, 4, 4, seed=3)
     whole = np.asarray(apply_unet({"params": params}, x, t, c))
@@ -241,6 +262,10 @@ def test_bad_configs_name_the_problem(cfg):
     bad = tiny.get_config().model
     bad.retention.image_conv_channels = (8, 16, 32)
     with pytest.raises(ValueError, match="image_conv_channels"):
+        build.build_dreamvideo(bad)
+    bad = tiny.get_config().model
+    bad.retention.reference_skip = True  # with image_input='pixels'
+    with pytest.raises(ValueError, match="reference_skip=True .* needs image_input='latent', got 'pixels'"):
         build.build_dreamvideo(bad)
     bad = tiny.get_config().model
     bad.unet.nonexistent = 1

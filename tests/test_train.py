@@ -35,6 +35,16 @@ def test_config_checks_name_the_bad_key():
         c.train[key] = value
         with pytest.raises(ValueError, match=match):
             check_config(c)
+    c = train_config()
+    c.model.retention.image_input, c.model.retention.reference_skip = "latent", True
+    c.train.prediction_type = "x0"
+    with pytest.raises(ValueError, match="no train.trainable pattern matches its gate 'reference_skip/gate'"):
+        check_config(c)
+    c.train.trainable = ("^unet/.*temp_convs", "^reference_skip/")
+    check_config(c)
+    c.train.prediction_type = "eps"
+    with pytest.raises(ValueError, match="reference_skip=True .* needs train.prediction_type='x0', got 'eps'"):
+        check_config(c)
 
 
 def test_mesh_sizes_and_errors():

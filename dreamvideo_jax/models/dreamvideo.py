@@ -3,7 +3,8 @@
 `DreamVideo(...)(latents, timesteps, context, image)` -> the U-Net's prediction for `latents`
 `(B, F, h, w, C)`. `image` is the reference image `(B, H, W, 3)` in [-1, 1] (or its latent `(B, h, w, C)` when
 `retention.image_input == 'latent'`); a dropped image condition is all zeros. Parameter tree:
-`{'unet': ..., 'retention': ..., 'image_conv': ...}`.
+`{'unet': ..., 'retention': ..., 'image_conv': ...}`, plus `{'reference_skip': {'gate': (C,)}}` with
+`retention.reference_skip` (the output gets `gate * image_latent` added on every frame).
 """
 
 from __future__ import annotations
@@ -13,8 +14,23 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dreamvideo_jax.models import layers as L
 from dreamvideo_jax.models.retention import ImageConv, ImageRetention, RetentionConfig
 from dreamvideo_jax.models.unet3d import UNet3D, UNetConfig
+from dreamvideo_jax.parallel import axes as ax
+
+
+class ReferenceSkip(nn.Module):
+    """`out + gate * image_latent` on every frame; `gate` `(C,)` starts at zero (`RetentionConfig.reference_skip`)."""
+
+    channels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, out, image_latent):
+        gate = self.param("gate", nn.with_logical_partitioning(L.zeros, (ax.NORM,)), (self.channels,), self.param_dtype)
+        return out + (gate.astype(self.dtype) * image_latent.astype(self.dtype))[:, None]
 
 
 class DreamVideo(nn.Module):
@@ -31,6 +47,8 @@ class DreamVideo(nn.Module):
         self.unet = UNet3D(self.unet_config, **kw, **rm)
         self.retention = ImageRetention(self.unet_config, self.retention_config.conditioning_scale, **kw, **rm)
         self.image_conv = ImageConv(self.retention_config, self.unet_config.block_out_channels[0], **kw)
+        if self.retention_config.reference_skip:
+            self.reference_skip = ReferenceSkip(self.unet_config.out_channels, **kw)
 
     def __call__(self, latents, timesteps, context, image, train: bool = False):
         features = self.image_conv(image)
@@ -41,7 +59,10 @@ class DreamVideo(nn.Module):
                 f"{self.retention_config.image_downsample_factor}x the latent size for image_input="
                 f"{self.retention_config.image_input!r}")
         down, mid = self.retention(latents, timesteps, context, features, train=train)
-        return self.unet(latents, timesteps, context, down, mid, train=train)
+        out = self.unet(latents, timesteps, context, down, mid, train=train)
+        if self.retention_config.reference_skip:
+            out = self.reference_skip(out, image)
+        return out
 
     def unet_only(self, latents, timesteps, context, train: bool = False):
         """The primary U-Net alone (text-to-video base, no retention branch)."""

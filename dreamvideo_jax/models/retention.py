@@ -29,17 +29,27 @@ COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "transformer_i
 class RetentionConfig:
     """image_input: 'pixels' = reference image in [-1, 1] at full resolution, downsampled by `image_conv` to
     latent resolution (ControlNet conditioning-embedding style); 'latent' = its VAE latent (one conv).
-    `image_conv_channels` has len = log2(latent downsample factor) + 1 for 'pixels'."""
+    `image_conv_channels` has len = log2(latent downsample factor) + 1 for 'pixels'.
+
+    reference_skip (off by default, not in the paper): adds `g * image_latent` to the model's output for every
+    frame, `g` a learnt per-channel gate `(C,)` that starts at zero (so a new DreamVideo still equals its primary
+    U-Net). With an x0 target the network then only has to predict what changes against the reference image,
+    which a narrow U-Net cannot pass through its first conv losslessly. Needs image_input='latent' and
+    train.prediction_type='x0'; a dropped image condition (zeros) adds nothing."""
 
     image_input: str = "pixels"
     image_conv_channels: tuple[int, ...] = (16, 32, 96, 256)
     image_channels: int = 3
     conditioning_scale: float = 1.0
+    reference_skip: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_conv_channels", tuple(self.image_conv_channels))
         if self.image_input not in IMAGE_INPUTS:
             raise ValueError(f"RetentionConfig.image_input={self.image_input!r}; use one of {IMAGE_INPUTS}")
+        if self.reference_skip and self.image_input != "latent":
+            raise ValueError("RetentionConfig.reference_skip=True adds the reference image's latent to the output: it "
+                             f"needs image_input='latent', got {self.image_input!r}")
         if self.image_input == "pixels" and not self.image_conv_channels:
             raise ValueError("RetentionConfig.image_conv_channels must not be empty for image_input='pixels'")
 

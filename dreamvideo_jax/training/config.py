@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import ml_collections
@@ -21,6 +22,10 @@ DEFAULT_TRAINABLE = {
     # Text-to-video base: the whole primary U-Net.
     "t2v": (r"^unet/",),
 }
+
+# The path of model.retention.reference_skip's gate (models/dreamvideo.py); not in the defaults above, so a
+# config that turns the skip on names it in train.trainable (checked).
+REFERENCE_SKIP_PARAM = "reference_skip/gate"
 
 # Keys under `model` that change numerics or memory but not the parameter tree; they may differ on resume.
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy")
@@ -114,6 +119,13 @@ def check_config(config) -> None:
                              "(diffusion.num_train_timesteps)")
     if not 0.0 <= float(t.ema_decay) < 1.0:
         raise ValueError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    if "model" in config and config.model.retention.get("reference_skip", False):
+        if t.prediction_type != "x0":
+            raise ValueError(f"model.retention.reference_skip=True adds the reference latent to an x0 prediction: "
+                             f"it needs train.prediction_type='x0', got {t.prediction_type!r}")
+        if t.mode == "dreamvideo" and not any(re.search(p, REFERENCE_SKIP_PARAM) for p in trainable_patterns(config)):
+            raise ValueError(f"model.retention.reference_skip=True, but no train.trainable pattern matches its gate "
+                             f"{REFERENCE_SKIP_PARAM!r}: it would stay zero (add r'^reference_skip/')")
     if "data" in config:
         d = config.data
         for key in ("num_frames", "height", "width"):
@@ -153,6 +165,8 @@ def architecture(config) -> dict:
         model["text"] = {**text, "num_layers": layers, "output_layer": layers}
     if "retention" in model:  # a sampling-time knob, not a parameter shape
         model["retention"] = {k: v for k, v in model["retention"].items() if k != "conditioning_scale"}
+        if not model["retention"].get("reference_skip", False):  # off == absent (checkpoints from before the key)
+            model["retention"].pop("reference_skip", None)
     train = d.get("train", {})
     mode = train.get("mode", "dreamvideo")
     pats = list(train.get("trainable") or DEFAULT_TRAINABLE[mode])
