@@ -23,8 +23,9 @@ DEFAULT_TRAINABLE = {
     "t2v": (r"^unet/",),
 }
 
-# The path of model.retention.reference_skip's gate (models/dreamvideo.py); not in the defaults above, so a
-# config that turns the skip on names it in train.trainable (checked).
+# The path of model.retention.reference_skip's gate (models/dreamvideo.py: DreamVideo.reference_skip, param
+# `gate`); not in the defaults above, so a config that turns the skip on names it in train.trainable (checked with
+# `re.search`, as training/state.match_trainable selects).
 REFERENCE_SKIP_PARAM = "reference_skip/gate"
 
 # Keys under `model` that change numerics or memory but not the parameter tree; they may differ on resume.
@@ -125,7 +126,7 @@ def check_config(config) -> None:
                              f"it needs train.prediction_type='x0', got {t.prediction_type!r}")
         if t.mode == "dreamvideo" and not any(re.search(p, REFERENCE_SKIP_PARAM) for p in trainable_patterns(config)):
             raise ValueError(f"model.retention.reference_skip=True, but no train.trainable pattern matches its gate "
-                             f"{REFERENCE_SKIP_PARAM!r}: it would stay zero (add r'^reference_skip/')")
+                             f"{REFERENCE_SKIP_PARAM!r}: it would stay zero (add r'^{REFERENCE_SKIP_PARAM.split('/')[0]}/')")
     if "data" in config:
         d = config.data
         for key in ("num_frames", "height", "width"):
