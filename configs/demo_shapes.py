@@ -30,7 +30,7 @@ each word distinct (0.58 at the direction word) for the U-Net's cross-attention 
 """
 
 from configs import modelscope_t2v
-from dreamvideo_jax.training.config import DEFAULT_TRAINABLE
+from dreamvideo_jax.system import DEFAULT_TRAINABLE
 
 
 def get_config(arg=None):

@@ -9,6 +9,7 @@ Parameters of this size are never allocated in tests (they use `jax.eval_shape`)
 import ml_collections
 
 from dreamvideo_jax.data import config as data_config
+from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.models.build import model_defaults
 from dreamvideo_jax.parallel import mesh as mesh_lib
 from dreamvideo_jax.sampling import config as sampling_config
@@ -28,7 +29,7 @@ def get_config(arg=None):
     config.init_from = ""  # base checkpoint dir (converted ModelScope weights) or a training workdir
     config.resume = ""  # a workdir or WORKDIR/checkpoints/<step> to resume when this workdir has no checkpoint
     config.train = train_config.train_defaults()
-    config.diffusion = train_config.diffusion_defaults()
+    config.diffusion = ml_collections.ConfigDict(dict(schedules.DEFAULTS))
     config.mesh = mesh_lib.mesh_defaults()
     config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over every chip: the frozen base alone is ~8 GB in fp32
     config.sharding = mesh_lib.sharding_defaults()

@@ -25,8 +25,10 @@ import logging
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 import numpy as np
+
+from dreamvideo_jax import command
 
 flags.DEFINE_string("workdir", "runs/demo", "Output folder (checkpoints, videos, metrics).")
 flags.DEFINE_string("config", "configs/demo_shapes.py", "The demo's config file (its get_config('t2v') is stage 1).")
@@ -116,8 +118,8 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
 
     from dreamvideo_jax.data.moving_shapes import MOTIONS, caption_for
     from dreamvideo_jax.sampling import outputs
+    from dreamvideo_jax import checkpoints
     from dreamvideo_jax.sampling.pipeline import Sampler
-    from dreamvideo_jax.training.checkpoint import load_for_inference
     from dreamvideo_jax.training.loop import train_and_evaluate
 
     t_start = time.perf_counter()
@@ -142,11 +144,11 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     grid_images = np.repeat(images, len(MOTIONS), axis=0)
     kw = {} if sample_steps is None else {"steps": sample_steps}
 
-    config2, vars2 = load_for_inference(os.path.join(workdir, STAGE2))
-    dv = Sampler(config2, vars2)
+    stage2 = checkpoints.load(os.path.join(workdir, STAGE2))
+    dv = Sampler(stage2.config, stage2.params)
     dv_videos = dv.generate(grid_images, captions, progress=progress, **kw)
-    config1, vars1 = load_for_inference(os.path.join(workdir, STAGE1))
-    base = Sampler(config1, vars1, mode="t2v")
+    stage1 = checkpoints.load(os.path.join(workdir, STAGE1))
+    base = Sampler(stage1.config, stage1.params, mode="t2v")
     base_videos = base.generate(grid_images, captions, first_frame_replacement=True, progress=progress, **kw)
 
     metrics = {
@@ -201,8 +203,8 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     metrics["setup"] = {
         "devices": jax.device_count(), "held_out_images": n, "prompts_per_image": len(MOTIONS),
         "videos": len(captions),
-        "sampler": config2.sample.sampler, "steps": int(kw.get("steps", config2.sample.steps)),
-        "text_guidance": float(config2.sample.text_guidance), "image_guidance": float(config2.sample.image_guidance),
+        "sampler": stage2.config.sample.sampler, "steps": int(kw.get("steps", stage2.config.sample.steps)),
+        "text_guidance": float(stage2.config.sample.text_guidance), "image_guidance": float(stage2.config.sample.image_guidance),
         "contact_sheet_rows": ["DreamVideo, first test image, prompt: " + captions[j] for j in range(len(MOTIONS))]
         + ["base (first-frame replacement): " + captions[len(MOTIONS) - 1], "two-stage: " + " | ".join(plots)]
         + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales],
@@ -240,4 +242,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    command.run(main)

@@ -8,7 +8,7 @@
       --output=shapes.json
   # smoke test with random weights:
   python -m dreamvideo_jax.evaluate --config=configs/tiny.py --random_init --dataset=moving_shapes \\
-      --num_samples=4 --steps=2 --output=/tmp/metrics.json
+      --num_samples=4 --config.sample.steps=2 --output=/tmp/metrics.json
 
 Datasets: ``moving_shapes`` (built on first use), ``video_folder`` (a build of ``dreamvideo_jax.data.build``),
 ``ucf101`` / ``msrvtt`` (``video_folder`` builds named ``ucf101`` / ``msrvtt``: build them with
@@ -22,21 +22,24 @@ resolution, frame stride, sampler, steps, guidance, seed, dataset, split and che
 
 Resumable: the state is saved after every batch to OUTPUT.state.npz / OUTPUT.state.json; rerunning the same
 command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh).
-Exit code 0 on success; 2 with a one-line ``error: --flag=value: reason`` on bad input.
+Sampling knobs (steps, sampler, guidance, seed, size) are `--config.sample.*` keys (`dreamvideo_jax/sampling/config.py`).
+Exit code 0 on success; 2 with a one-line ``error: --flag=value: reason`` on bad input; 1 when the run fails.
 """
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from dreamvideo_jax import command
+from dreamvideo_jax.sampling import config as sample_config
 
 FLAGS = flags.FLAGS
 
 config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py). Optional with --workdir/--checkpoint, whose stored config is used; "
-    "its `sample` and `data` sections still apply.", lock_config=True)
+    "config", sample_config.__file__, "Config file (configs/*.py): the architecture for --random_init and the "
+    "`sample` and `data` sections. Default: the weights' stored config, with --config.sample.* overrides.",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Training workdir: evaluates its latest checkpoint (or --step).")
 flags.DEFINE_string("checkpoint", None, "WORKDIR/checkpoints/<step>, a training workdir, or a base checkpoint "
                     "folder (converted pretrained weights).")
@@ -53,16 +56,6 @@ flags.DEFINE_integer("num_samples", None, "Number of clips (the first N of the s
 flags.DEFINE_string("output", None, "Metrics file (.json).")
 flags.DEFINE_integer("batch_size", 0, "Clips generated per batch (0 = the number of devices).")
 flags.DEFINE_integer("metric_batch_size", 8, "Batch size of the metric networks.")
-flags.DEFINE_integer("seed", None, "Seed; clip i uses seed + i.")
-flags.DEFINE_string("sampler", None, "ddim | dpmpp_2m.")
-flags.DEFINE_integer("steps", None, "Denoising steps.")
-flags.DEFINE_float("image_guidance", None, "Image guidance scale s_I (>= 0).")
-flags.DEFINE_float("text_guidance", None, "Text guidance scale s_T (>= 0).")
-flags.DEFINE_float("eta", None, "DDIM noise (0 = deterministic).")
-flags.DEFINE_integer("num_frames", None, "Frames generated (and real frames compared).")
-flags.DEFINE_integer("height", None, "Height in pixels.")
-flags.DEFINE_integer("width", None, "Width in pixels.")
-flags.DEFINE_bool("first_frame_replacement", None, "Pin frame 0 to the real first frame (text-to-video models).")
 flags.DEFINE_string("c3d_weights", None, "C3D-UCF101 weights file for IS (absent: IS skipped).")
 flags.DEFINE_string("clip_model", None, "transformers CLIPModel folder for FFF_CLIP / CLIP-SIM (absent: skipped).")
 flags.DEFINE_bool("fvd", True, "Compute FVD when clips are long enough (--nofvd: skip it).")
@@ -70,50 +63,21 @@ flags.DEFINE_bool("shapes", None, "Moving-shapes metrics (default: on for --data
 flags.DEFINE_bool("restart", False, "Discard a saved state of an earlier run instead of resuming it.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
-
-def _fail(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (and exit code 2) instead of absl's multi-line report."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(e)
-    except Exception as e:  # noqa: BLE001 - a broken --config file: report it in one line
-        _fail(f"--config: {type(e).__name__}: {e}")
+IO_FLAGS = ("dataset", "num_samples", "output", "workdir", "checkpoint", "step", "ema", "random_init", "mode",
+            "data_dir", "config_name", "split", "batch_size", "c3d_weights", "clip_model", "fvd", "shapes",
+            "metric_batch_size", "restart", "progress")
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]} (flags are --name=value)")
-    for name in ("dataset", "num_samples", "output"):
-        if getattr(FLAGS, name) is None:
-            _fail(f"--{name} is required")
-    from dreamvideo_jax.evaluation import cli
-    from dreamvideo_jax.sampling.inputs import InputError
-    from dreamvideo_jax.training.checkpoint import CheckpointError
+    del argv
+    command.require(dataset=FLAGS.dataset, num_samples=FLAGS.num_samples, output=FLAGS.output)
+    from dreamvideo_jax.evaluation import runner
 
-    try:
-        cli.evaluate(
-            FLAGS.config, FLAGS.workdir, dataset=FLAGS.dataset, num_samples=FLAGS.num_samples, output=FLAGS.output,
-            checkpoint=FLAGS.checkpoint, step=FLAGS.step, use_ema=FLAGS.ema, random_init=FLAGS.random_init,
-            mode=FLAGS.mode, data_dir=FLAGS.data_dir, config_name=FLAGS.config_name, split=FLAGS.split,
-            batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler, steps=FLAGS.steps,
-            image_guidance=FLAGS.image_guidance, text_guidance=FLAGS.text_guidance, eta=FLAGS.eta,
-            num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width,
-            first_frame_replacement=FLAGS.first_frame_replacement, c3d_weights=FLAGS.c3d_weights,
-            clip_model=FLAGS.clip_model, i3d=FLAGS.fvd, shapes=FLAGS.shapes,
-            metric_batch_size=FLAGS.metric_batch_size, restart=FLAGS.restart, progress=FLAGS.progress,
-        )  # fmt: skip
-    except InputError as e:
-        _fail(e)
-    except CheckpointError as e:
-        _fail(f"--{'workdir' if FLAGS.workdir else 'checkpoint'}: {e}")
+    opts = runner.Options(**{name: getattr(FLAGS, name) for name in IO_FLAGS},
+                          overrides=command.config_overrides())
+    runner.evaluate(opts, FLAGS.config if command.config_file() else None)
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    command.run(main)

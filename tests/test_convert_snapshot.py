@@ -74,7 +74,7 @@ def converted(snapshot, tmp_path_factory):
 
 
 def test_cli_writes_base_checkpoint(snapshot, converted, capsys):
-    from dreamvideo_jax.training.checkpoint import load_base
+    from dreamvideo_jax.checkpoints import load_base
 
     src, _ = snapshot
     assert {"tokenizer", "conversion.json"} <= set(os.listdir(converted))
@@ -97,7 +97,7 @@ def test_cli_writes_base_checkpoint(snapshot, converted, capsys):
 
 
 def test_converted_components_match_torch(snapshot, converted):
-    from dreamvideo_jax.training.checkpoint import load_base
+    from dreamvideo_jax.checkpoints import load_base
 
     _, ref = snapshot
     params, m = load_base(converted)
@@ -186,7 +186,7 @@ def test_cli_bad_inputs_exit_1_with_one_line(snapshot, converted, tmp_path, caps
 
 def test_cli_subprocess_components_given_separately(snapshot, converted, tmp_path):
     """As a user runs it: separate component paths, a single-file U-Net, no tokenizer (built from open_clip)."""
-    from dreamvideo_jax.training.checkpoint import load_base
+    from dreamvideo_jax.checkpoints import load_base
 
     src, _ = snapshot
     dst = tmp_path / "bf16"

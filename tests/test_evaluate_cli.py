@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from dreamvideo_jax.evaluation import cli
-from dreamvideo_jax.sampling.inputs import InputError
+from dreamvideo_jax.errors import InputError
+from dreamvideo_jax.evaluation import runner
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -24,14 +24,14 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))  # moving_shapes is built here on first use
 
 
-def _run(output, data_dir, messages=None, **kw):
+def _run(output, data_dir, messages=None, on_batch=None, steps=2, **kw):
     kw.setdefault("num_samples", 4)
-    kw.setdefault("steps", 2)
     kw.setdefault("batch_size", 2)
     kw.setdefault("dataset", "moving_shapes")
     echo = messages.append if messages is not None else (lambda *_: None)
-    return cli.evaluate(tiny.get_config(), None, random_init=True, output=str(output),
-                        data_dir=data_dir, progress=False, echo=echo, **kw)
+    opts = runner.Options(random_init=True, output=str(output), data_dir=data_dir, progress=False,
+                          overrides={"sample.steps": steps}, **kw)
+    return runner.evaluate(opts, tiny.get_config(), on_batch=on_batch, echo=echo)
 
 
 class _Stop(Exception):
@@ -64,7 +64,7 @@ def test_metrics_protocol_and_resume_after_an_interruption(data_dir, tmp_path):
     with pytest.raises(_Stop):
         _run(out, data_dir, on_batch=stop)
     assert seen == [2] and not out.exists()
-    state_npz, state_json = cli.state_paths(str(out))
+    state_npz, state_json = runner.state_paths(str(out))
     assert os.path.exists(state_npz) and os.path.exists(state_json)
     messages, seen = [], []
     resumed = _run(out, data_dir, messages, on_batch=seen.append)

@@ -1,6 +1,7 @@
 """`python -m dreamvideo_jax.sample` on the tiny config: outputs that read back, batches from a prompts file,
 training workdirs (EMA / raw, latest / chosen step), converted base checkpoints, and one-line errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ from PIL import Image
 import jax
 
 from configs import tiny
-from dreamvideo_jax.sampling import cli, weights
-from dreamvideo_jax.sampling.inputs import InputError
+from dreamvideo_jax.errors import InputError, UserError
+from dreamvideo_jax.sampling import runner
 from dreamvideo_jax.sampling.pipeline import Sampler
+from dreamvideo_jax.system import System
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -39,9 +41,12 @@ def image_path(tmp_path_factory):
 
 
 def _opts(**kw):
+    """runner.Options from flag-like keywords: sampling knobs become `--config.sample.*` overrides."""
     kw.setdefault("steps", STEPS)
     kw.setdefault("progress", False)
-    return cli.Options(**kw)
+    fields = {f.name for f in dataclasses.fields(runner.Options)}
+    overrides = {f"sample.{k}": v for k, v in kw.items() if k not in fields}
+    return runner.Options(**{k: v for k, v in kw.items() if k in fields}, overrides=overrides)
 
 
 def _quiet(*a, **k):
@@ -50,7 +55,7 @@ def _quiet(*a, **k):
 
 def test_cli_writes_mp4_npz_contact_sheet_and_settings(cfg, image_path, tmp_path):
     out = str(tmp_path / "clip.mp4")
-    summary = cli.run(_opts(random_init=True, image=image_path, prompt="a square moves", output=out), cfg,
+    summary = runner.run(_opts(random_init=True, image=image_path, prompt="a square moves", output=out), cfg,
                       echo=_quiet)
     video = iio.imread(out, index=None, plugin="pyav")
     assert video.shape[:3] == (4, 16, 16)
@@ -60,7 +65,7 @@ def test_cli_writes_mp4_npz_contact_sheet_and_settings(cfg, image_path, tmp_path
     assert meta["frames"] == 4 and meta["prompts"] == ["a square moves"] and meta["seed"] == 0
     assert summary["timings"]["steps"] == STEPS
     npz = str(tmp_path / "clip.npz")
-    cli.run(_opts(random_init=True, image=image_path, prompt="a square moves", output=npz), cfg, echo=_quiet)
+    runner.run(_opts(random_init=True, image=image_path, prompt="a square moves", output=npz), cfg, echo=_quiet)
     with np.load(npz) as z:
         assert z["video"].dtype == np.uint8 and z["video"].shape == (4, 16, 16, 3)
         assert z["latents"].shape == (1, 4, 8, 8, 4)
@@ -73,9 +78,9 @@ def test_cli_end_to_end_in_a_subprocess_two_stages_gif(image_path, tmp_path):
     out, lat = tmp_path / "two.gif", tmp_path / "lat.npz"
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "dreamvideo_jax.sample", "--config=configs/tiny.py", "--random_init",
-           f"--image={image_path}", "--prompt=a ball", "--prompt2=the ball stops", "--sampler=dpmpp_2m",
-           "--steps=2", "--num_frames=3", "--height=32", "--width=24", f"--output={out}", f"--save_latents={lat}",
-           "--noprogress"]  # 32x24: larger than the 16x16 the tiny config trains at
+           f"--image={image_path}", "--prompt=a ball", "--prompt2=the ball stops", "--config.sample.sampler=dpmpp_2m",
+           "--config.sample.steps=2", "--config.sample.num_frames=3", "--config.sample.height=32",
+           "--config.sample.width=24", f"--output={out}", f"--save_latents={lat}", "--noprogress"]  # 32x24: larger than the 16x16 the tiny config trains at
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           close_fds=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,12 +99,13 @@ def _run_main(args, tmp_path):
 
 
 def test_cli_bad_input_exits_with_one_line(image_path, tmp_path):
-    proc = _run_main(["--config=configs/tiny.py", "--random_init", f"--image={image_path}", "--height=15",
-                      f"--output={tmp_path / 'x.mp4'}"], tmp_path)
+    proc = _run_main(["--config=configs/tiny.py", "--random_init", f"--image={image_path}",
+                      "--config.sample.height=15", f"--output={tmp_path / 'x.mp4'}"], tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --height=15: must be a multiple of 2")
-    proc = _run_main(["--config=configs/tiny.py", "--steps=many", f"--output={tmp_path / 'x.mp4'}"], tmp_path)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --config.sample.height=15: must be a multiple of 2")
+    proc = _run_main(["--config=configs/tiny.py", "--config.sample.steps=many", f"--output={tmp_path / 'x.mp4'}"],
+                     tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "steps" in proc.stderr
 
@@ -110,16 +116,16 @@ def test_cli_bad_input_exits_with_one_line(image_path, tmp_path):
     (dict(image="{dir}"), "--image={dir}: is a directory"),
     (dict(output="{tmp}/x.avi"), "--output={tmp}/x.avi: unsupported output format"),
     (dict(output=None), "--output=None: an output file is required"),
-    (dict(image_guidance=-0.5), "--image_guidance=-0.5: guidance scales must be >= 0"),
-    (dict(text_guidance=-2.0), "--text_guidance=-2.0: guidance scales must be >= 0"),
-    (dict(height=15), "--height=15: must be a multiple of 2"),
-    (dict(width=33), "--width=33: must be a multiple of 2"),
-    (dict(num_frames=0), "--num_frames=0:"),
-    (dict(steps=0), "--steps=0:"),
-    (dict(sampler="euler"), "--sampler=euler: unknown sampler"),
+    (dict(image_guidance=-0.5), "--config.sample.image_guidance=-0.5: guidance scales must be >= 0"),
+    (dict(text_guidance=-2.0), "--config.sample.text_guidance=-2.0: guidance scales must be >= 0"),
+    (dict(height=15), "--config.sample.height=15: must be a multiple of 2"),
+    (dict(width=33), "--config.sample.width=33: must be a multiple of 2"),
+    (dict(num_frames=-1), "--config.sample.num_frames=-1:"),
+    (dict(steps=0), "--config.sample.steps=0:"),
+    (dict(sampler="euler"), "--config.sample.sampler=euler: use one of ddim, dpmpp_2m"),
     (dict(prompts_file="{tmp}/none.txt", prompt=""), "--prompts_file={tmp}/none.txt: no such file"),
     (dict(random_init=False), "--workdir=None: give --workdir or --checkpoint"),
-    (dict(random_init=False, workdir="{tmp}"), "--workdir={tmp}: not a training workdir"),
+    (dict(random_init=False, workdir="{tmp}"), "--workdir={tmp}: not a checkpoint: expected a training workdir"),
     (dict(random_init=False, checkpoint="{tmp}/nope"), "--checkpoint={tmp}/nope: no such file"),
     (dict(save_latents="{tmp}/l.pt"), "--save_latents={tmp}/l.pt: must be an .npz"),
 ])  # fmt: skip
@@ -131,7 +137,7 @@ def test_cli_bad_inputs_name_the_flag(cfg, image_path, tmp_path, kw, start):
     base = dict(random_init=True, image=image_path, prompt="x", output=str(tmp_path / "o.mp4"))
     base.update(kw)
     with pytest.raises(InputError) as e:
-        cli.run(_opts(**base), cfg, echo=_quiet)
+        runner.run(_opts(**base), cfg, echo=_quiet)
     assert str(e.value).startswith(start.format(**fill)), str(e.value)
     assert "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "o.mp4")
@@ -139,7 +145,7 @@ def test_cli_bad_inputs_name_the_flag(cfg, image_path, tmp_path, kw, start):
 
 def test_empty_prompt_is_text_unconditional(cfg, image_path, tmp_path):
     out = str(tmp_path / "u.npz")
-    cli.run(_opts(random_init=True, image=image_path, prompt="", output=out, text_guidance=3.0), cfg, echo=_quiet)
+    runner.run(_opts(random_init=True, image=image_path, prompt="", output=out, text_guidance=3.0), cfg, echo=_quiet)
     with np.load(out) as z:
         assert z["video"].shape == (4, 16, 16, 3)
 
@@ -149,12 +155,12 @@ def test_cli_prompts_file_batches_equal_solo_runs(cfg, image_path, tmp_path):
              '{"prompt": "", "text_guidance": 2.0}']
     (tmp_path / "prompts.txt").write_text("\n".join(lines))
     out = str(tmp_path / "batch.npz")
-    summary = cli.run(_opts(random_init=True, image=image_path, prompts_file=str(tmp_path / "prompts.txt"),
+    summary = runner.run(_opts(random_init=True, image=image_path, prompts_file=str(tmp_path / "prompts.txt"),
                             output=out, seed=5, batch_size=2), cfg, echo=_quiet)
     assert [os.path.basename(o["output"]) for o in summary["outputs"]] == ["batch_000.npz", "batch_001.npz",
                                                                             "batch_002.npz"]
     assert [o["seed"] for o in summary["outputs"]] == [5, 42, 7]
-    sampler = Sampler(cfg, weights.random_variables(cfg, seed=0))
+    sampler = Sampler(cfg, System(cfg).random_params(seed=0))
     img = np.load(tmp_path / "batch_000.npz")["references"][0]
     solo = sampler.generate(img, "a blue ball", steps=STEPS, seed=42)
     with np.load(tmp_path / "batch_001.npz") as z:
@@ -165,21 +171,19 @@ def test_cli_prompts_file_batches_equal_solo_runs(cfg, image_path, tmp_path):
 
 
 def _workdir(cfg, root):
-    from dreamvideo_jax.training import checkpoint as ck
-    from dreamvideo_jax.training import config as tc
+    from dreamvideo_jax import checkpoints, config_io
 
-    v = weights.random_variables(cfg, seed=0)
-    ck.save_base(str(root / "base"), {**v["dreamvideo"], "text_encoder": v["text_encoder"], "vae": v["vae"]},
-                 cfg.model)
-    (root / "config.json").write_text(tc.to_json(cfg))
-    c = ck.Checkpointer(ck.checkpoint_dir(str(root)), use_async=False)
+    v = System(cfg).random_params(seed=0)
+    checkpoints.save_base(str(root / "base"), v, cfg.model)
+    (root / "config.json").write_text(config_io.to_json(cfg))
+    c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(root)), use_async=False)
     rng = np.random.default_rng(1)
 
     def perturb(tree):
         return jax.tree.map(lambda a: a + 0.5 * rng.standard_normal(a.shape).astype(a.dtype), tree)
 
     for step in (10, 20):
-        train = {"image_conv": v["dreamvideo"]["image_conv"], "retention": v["dreamvideo"]["retention"]}
+        train = {"image_conv": v["image_conv"], "retention": v["retention"]}
         state = types.SimpleNamespace(params=perturb(train), ema=perturb(train), opt_state={"count": np.int32(0)},
                                       step=np.int32(step), rng=np.zeros(2, np.uint32))
         c.save(state, None, cfg)
@@ -198,27 +202,27 @@ def test_cli_workdir_latest_or_chosen_step_ema_or_raw(cfg, image_path, tmp_path)
         if "checkpoint" not in kw:
             kw["workdir"] = wd
         out = str(tmp_path / f"{name}.npz")
-        cli.run(_opts(image=image_path, prompt="a ball", output=out, **kw), None, echo=echoed.append)
+        runner.run(_opts(image=image_path, prompt="a ball", output=out, **kw), None, echo=echoed.append)
         videos[name] = np.load(out)["video"]
     assert any("step 20, EMA weights" in e for e in echoed) and any("step 20, raw weights" in e for e in echoed)
     assert any("step 10, EMA weights" in e for e in echoed)
     np.testing.assert_array_equal(videos["step10"], videos["ckpt10"])
     assert (videos["latest_ema"] != videos["latest_raw"]).any() and (videos["latest_ema"] != videos["step10"]).any()
-    with pytest.raises(InputError, match="--step=30"):
-        cli.run(_opts(workdir=wd, step=30, image=image_path, output=str(tmp_path / "x.npz")), None, echo=_quiet)
+    with pytest.raises(UserError, match="--step=30"):
+        runner.run(_opts(workdir=wd, step=30, image=image_path, output=str(tmp_path / "x.npz")), None, echo=_quiet)
 
 
 def test_cli_base_checkpoint_is_text_to_video(cfg, image_path, tmp_path):
-    from dreamvideo_jax.training import checkpoint as ck
+    from dreamvideo_jax import checkpoints
 
-    v = weights.random_variables(cfg, seed=1, mode="t2v")
+    v = System(cfg, "t2v").random_params(seed=1)
     base = str(tmp_path / "base")
-    ck.save_base(base, {"unet": v["unet"], "text_encoder": v["text_encoder"], "vae": v["vae"]}, cfg.model)
+    checkpoints.save_base(base, v, cfg.model)
     out = str(tmp_path / "t2v.npz")
-    summary = cli.run(_opts(checkpoint=base, image=image_path, prompt="a cat", output=out,
+    summary = runner.run(_opts(checkpoint=base, image=image_path, prompt="a cat", output=out,
                             first_frame_replacement=True), cfg, echo=_quiet)
     assert summary["mode"] == "t2v"
     with np.load(out) as z:
         assert z["video"].shape == (4, 16, 16, 3)
     with pytest.raises(InputError, match="--mode=dreamvideo"):
-        cli.run(_opts(checkpoint=base, image=image_path, output=out, mode="dreamvideo"), cfg, echo=_quiet)
+        runner.run(_opts(checkpoint=base, image=image_path, output=out, mode="dreamvideo"), cfg, echo=_quiet)

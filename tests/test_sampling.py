@@ -20,8 +20,9 @@ from dreamvideo_jax.diffusion import samplers as SM
 from dreamvideo_jax.models import build as mb
 from dreamvideo_jax.sampling import config as sample_config
 from dreamvideo_jax.sampling import inputs as I
-from dreamvideo_jax.sampling import outputs, weights
-from dreamvideo_jax.sampling.pipeline import Sampler
+from dreamvideo_jax.sampling import outputs
+from dreamvideo_jax.sampling.pipeline import GuidedModel, Sampler
+from dreamvideo_jax.system import System
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -35,7 +36,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def variables(cfg):
-    return weights.random_variables(cfg, seed=0)
+    return System(cfg).random_params(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +75,13 @@ def _context(cfg, variables, n):
 
 
 def test_double_guidance_on_the_model_equals_three_separate_forwards(cfg, variables, sampler):
-    _, params, _, _ = weights.split_variables(variables)
+    params = variables
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((1, 4, 8, 8, 4)), jnp.float32)
     t = jnp.array([500], jnp.int32)
     text, null = _context(cfg, variables, 2)[:1], _context(cfg, variables, 2)[1]
     img = jnp.asarray(rng.uniform(-1, 1, (1, 16, 16, 3)), jnp.float32)
-    model_fn = jax.jit(sampler._model_fn)
+    model_fn = jax.jit(GuidedModel(sampler.system))
     u, i, f = SM.split_guidance_output(model_fn(params, *SM.guidance_inputs(x, t, text, null, img)))
 
     def alone(context, image):  # one branch by itself (three copies of it, so one compiled shape serves all)
@@ -168,18 +169,19 @@ def test_chain_stage_reference_is_exactly_the_last_frame(sampler, image):
 
 
 def test_text_to_video_two_branches_and_first_frame_replacement(cfg, image):
-    v = weights.random_variables(cfg, seed=1, mode="t2v")
-    s = Sampler(cfg, v)
+    v = System(cfg, "t2v").random_params(seed=1)
+    s = Sampler(cfg, v, mode="t2v")
     assert s.mode == "t2v"
     # The model runs the unconditional and text rows only; the image-only branch is the unconditional one.
-    _, params, _, _ = weights.split_variables(v)
+    params = v
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((1, 4, 8, 8, 4)), jnp.float32)
     t = jnp.array([700], jnp.int32)
     text, null = _context(cfg, v, 2)[:1], _context(cfg, v, 2)[1]
-    branches = jax.jit(s._model_fn)(params, *SM.guidance_inputs(x, t, text, null, jnp.zeros((1, 1))))
+    branches = jax.jit(GuidedModel(s.system))(params, *SM.guidance_inputs(x, t, text, null, jnp.zeros((1, 1))))
     u, i, f = SM.split_guidance_output(branches)
-    unet = jax.jit(lambda p, x, t, c: s.model.apply({"params": p}, x, t, c, method="unet_only"))
+    unet = jax.jit(lambda p, x, t, c: s.system.model.apply({"params": {"unet": p["unet"]}}, x, t, c,
+                                                            method="unet_only"))
     ref = unet(params, jnp.repeat(x, 2, 0), jnp.repeat(t, 2, 0), jnp.concatenate([null[None], text]))
     np.testing.assert_allclose(u[0], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(i, u)
@@ -189,7 +191,7 @@ def test_text_to_video_two_branches_and_first_frame_replacement(cfg, image):
     plain = s.sample_latents(image, "a cat", steps=STEPS, seed=2)
     np.testing.assert_array_equal(plain, s.sample_latents(other, "a cat", steps=STEPS, seed=2))  # image ignored
     lat = s.sample_latents(image, "a cat", steps=STEPS, seed=2, first_frame_replacement=True)
-    ref = s.vae.apply({"params": v["vae"]}, jnp.asarray(I.to_model_range(image[None])), None, method="latents")
+    ref = s.system.image_latent(v, jnp.asarray(I.to_model_range(image[None])))
     np.testing.assert_allclose(lat[0, 0], ref[0], atol=1e-5)
     assert np.abs(lat[0, 1:] - plain[0, 1:]).max() > 1e-4  # the pinned frame steers the others
     with pytest.raises(I.InputError, match="--image"):
@@ -213,7 +215,7 @@ def test_bad_arguments_name_the_argument(sampler, image, kw, flag):
 
 def test_long_prompt_is_truncated_with_a_warning(sampler, caplog):
     with caplog.at_level(logging.WARNING):
-        ids = sampler._tokens(["word " * 100, "short"])
+        ids = sampler.tokens(["word " * 100, "short"])
     assert ids.shape == (2, 77)
     assert any("truncated" in r.getMessage() for r in caplog.records)
     assert sum("truncated" in r.getMessage() for r in caplog.records) == 1

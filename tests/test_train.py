@@ -11,10 +11,10 @@ import pytest
 from dreamvideo_jax.parallel import mesh as mesh_lib
 from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.parallel import axes as ax
-from dreamvideo_jax.training import checkpoint as ck
+from dreamvideo_jax import checkpoints
+from dreamvideo_jax.system import System, flatten
 from dreamvideo_jax.training import loop
-from dreamvideo_jax.training import metrics as mt
-from dreamvideo_jax.training import state as st
+from dreamvideo_jax.training import metric_log
 from dreamvideo_jax.training.trainer import Trainer
 from train_common import eight, make_batch, one, train_config  # noqa: F401 (fixtures)
 
@@ -45,6 +45,14 @@ def test_config_checks_name_the_bad_key():
     c.train.prediction_type = "eps"
     with pytest.raises(ValueError, match="reference_skip=True .* needs train.prediction_type='x0', got 'eps'"):
         check_config(c)
+    c = train_config()  # a misspelled key in a config file is an error, not a silently ignored setting
+    c.train.learnig_rate = 1e-3
+    with pytest.raises(ValueError, match=r"train: unknown config keys \['learnig_rate'\]"):
+        check_config(c)
+    c = train_config()
+    c.diffusion.beta_sart = 0.001
+    with pytest.raises(ValueError, match=r"diffusion: unknown config keys \['beta_sart'\]"):
+        check_config(c)
 
 
 def test_mesh_sizes_and_errors():
@@ -74,9 +82,9 @@ def test_sharding_rules_fall_back_and_big_leaves_are_sharded():
     assert sh.logical_to_spec(kernel, (3, 3, 3, 4096), mesh, rules, fsdp_min_size=1000) == P(None, None, None, "fsdp")
     assert sh.logical_to_spec((ax.NORM,), (6,), mesh, rules) == P()
     assert sh.logical_to_spec(None, (4096, 8), mesh, rules, fsdp_min_size=1000) == P("fsdp")
-    comps = st.build_components(cfg)
-    shardings = sh.tree_shardings(comps.abstract, mesh, rules, int(cfg.sharding.fsdp_min_size))
-    abstract = sh.unbox(comps.abstract)
+    system = System(cfg)
+    shardings = sh.tree_shardings(system.boxed_abstract, mesh, rules, int(cfg.sharding.fsdp_min_size))
+    abstract = system.abstract
     emb = shardings["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
     assert abstract["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape == (49408, 32)
     assert not emb.is_fully_replicated
@@ -89,8 +97,7 @@ def test_sharding_rules_fall_back_and_big_leaves_are_sharded():
 
 
 def test_trainable_selection():
-    comps = st.build_components(train_config())
-    paths = comps.trainable_paths
+    paths = System(train_config()).trainable_paths
     assert paths and all(p.startswith(("unet/", "retention/", "image_conv/")) for p in paths)
     unet = [p for p in paths if p.startswith("unet/")]
     assert unet and all(any(k in p for k in ("temp_convs", "temp_attentions", "transformer_in")) for p in unet)
@@ -98,7 +105,7 @@ def test_trainable_selection():
     cfg = train_config()
     cfg.train.trainable = ("^unet/no_such_layer",)
     with pytest.raises(ValueError, match="match no parameter"):
-        st.build_components(cfg)
+        System(cfg).trainable_paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,15 +156,18 @@ def test_frozen_unchanged_and_optimizer_holds_only_trainable(one, runs):
     state, frozen, _ = runs["one"]
     _, frozen0 = tr.split(params)
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), frozen0, frozen))
-    n_train = len(tr.comps.trainable_paths)
-    flat_params = st.flatten(jax.device_get(state.params))
-    assert set(flat_params) == set(tr.comps.trainable_paths)
+    n_train = len(tr.system.trainable_paths)
+    flat_params = flatten(jax.device_get(state.params))
+    assert set(flat_params) == set(tr.system.trainable_paths)
     # Adam's mu and nu: one leaf per trainable param, nothing else of param size.
     opt_leaves = jax.tree.leaves(state.opt_state)
     big = [x for x in opt_leaves if np.ndim(x) > 0]
     assert len(big) == 2 * n_train
-    n_frozen = len(st.flatten(frozen["model"]))
-    assert n_frozen > 0 and n_train + n_frozen == len(st.flatten(params["model"]))
+    n_frozen = len(flatten(frozen))
+    assert n_frozen > 0 and n_train + n_frozen == len(flatten(params))
+    # One layout: split halves carry the layout's paths and merge back to it.
+    assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(tr.merge(*tr.split(params))),
+                                     jax.device_get(params)))
     # Frozen base (text encoder, VAE) is sharded too.
     tr8 = Trainer(train_config(), mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}))
     emb = tr8.frozen_shardings["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
@@ -181,13 +191,13 @@ def test_overfits_one_batch(one):
 
 def test_checkpoint_from_8_devices_restores_on_1_and_2(tmp_path, runs, one):
     state8 = runs["eight"][0]
-    ckpt = ck.Checkpointer(tmp_path / "checkpoints", use_async=True)
+    ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints", use_async=True)
     ckpt.save(state8, {"next_index": 24}, train_config())
     ckpt.close()
     expect = jax.device_get(state8)
     tr2 = Trainer(train_config(), mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2]))
     for tr in (one[0], tr2):
-        c = ck.Checkpointer(tmp_path / "checkpoints", read_only=True)
+        c = checkpoints.Checkpointer(tmp_path / "checkpoints", read_only=True)
         r = c.restore_latest(tr.abstract_state)
         c.close()
         assert r.step == 3 and r.data_state == {"next_index": 24}
@@ -211,14 +221,32 @@ def test_nonfinite_loss_stops_naming_the_step(one, tmp_path):
         def get_state(self):
             return {}
 
-    c = ck.Checkpointer(tmp_path / "checkpoints")
-    w = mt.MetricWriter(str(tmp_path))
+    c = checkpoints.Checkpointer(tmp_path / "checkpoints")
+    w = metric_log.MetricWriter(str(tmp_path))
     watcher = loop.PreemptionWatcher()
     try:
-        with pytest.raises(mt.NonFiniteLossError, match="at step 1 "):
-            loop._run(tr, tr.config, state, frozen, Data(), c, w, watcher, 0)
+        with pytest.raises(metric_log.NonFiniteLossError, match="at step 1 "):
+            loop.run_steps(tr, tr.config, state, frozen, Data(), c, w, watcher, 0)
     finally:
         watcher.close()
         w.close()
         c.close()
     assert c.all_steps() == []  # nothing was saved after the bad update
+
+
+def test_evaluator_gives_a_repeatable_eval_loss_of_the_ema_weights(one, runs, tmp_path):
+    """The eval loss (train.eval_every) uses fixed noise: the same weights give the same number, other (EMA)
+    weights another; a missing split fails when the evaluator is built, not hours into a run."""
+    tr, params = one
+    cfg = train_config(str(tmp_path / "tfds"))
+    cfg.train.eval_every, cfg.train.eval_batches = 1, 1
+    ev = loop.Evaluator(tr, cfg)
+    trainable, frozen = tr.split(params)
+    fresh = tr.init_state(trainable)
+    a, b = ev(fresh, frozen), ev(fresh, frozen)
+    assert a["eval_loss"] == b["eval_loss"] and a["eval_examples"] == 8 and np.isfinite(a["eval_loss"])
+    trained = runs["one"][0]
+    assert ev(trained, frozen)["eval_loss"] != a["eval_loss"]
+    cfg.data.eval_split = "no_such_split"
+    with pytest.raises(ValueError, match="train.eval_every=1 needs data.eval_split='no_such_split'"):
+        loop.Evaluator(tr, cfg)

@@ -17,10 +17,11 @@ import jax
 import numpy as np
 import pytest
 
+from dreamvideo_jax import checkpoints
+from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, WorkdirError
 from dreamvideo_jax.parallel import sharding as sh
-from dreamvideo_jax.training import checkpoint as ck
+from dreamvideo_jax.system import flatten
 from dreamvideo_jax.training import loop
-from dreamvideo_jax.training import state as st
 from train_common import (  # noqa: F401 (fixtures)
     EVERY, NUM_STEPS, ROOT, cli_overrides, eight, one, train_config)
 
@@ -169,16 +170,18 @@ def test_exact_resume_after_sigkill_and_sigterm(env, reference_run):
     assert sorted(lb) == list(range(1, NUM_STEPS + 1)) and all(la[s] == lb[s] for s in lb)
 
 
-def test_load_for_inference_layout(reference_run):
-    config, variables = ck.load_for_inference(reference_run)
-    assert config.train.mode == "dreamvideo" and set(variables) == {"dreamvideo", "text_encoder", "vae"}
-    assert set(variables["dreamvideo"]) == {"unet", "retention", "image_conv"}
+def test_load_gives_the_layout_with_the_checkpoint_merged_in(reference_run):
+    loaded = checkpoints.load(reference_run)
+    assert loaded.config.train.mode == "dreamvideo" and loaded.step == NUM_STEPS
+    assert set(loaded.params) == {"unet", "retention", "image_conv", "text_encoder", "vae"}
     ema = _read_checkpoint(reference_run, NUM_STEPS)["ema"]
-    flat = st.flatten(variables["dreamvideo"])
-    for k, v in st.flatten(ema).items():
+    flat = flatten(loaded.params)
+    for k, v in flatten(ema).items():
         assert np.array_equal(flat[k], v)
-    _, raw = ck.load_for_inference(reference_run, step=3, use_ema=False)
-    assert not np.array_equal(st.flatten(raw["dreamvideo"])[k], flat[k])
+    raw = checkpoints.load(os.path.join(reference_run, "checkpoints", "3"), use_ema=False)
+    assert raw.step == 3 and not np.array_equal(flatten(raw.params)[k], flat[k])
+    with pytest.raises(CheckpointError, match="--step=4: .* no checkpoint at that step"):
+        checkpoints.load(reference_run, step=4)
 
 
 def test_corrupt_checkpoint_is_an_error_or_a_logged_fallback(env, reference_run, eight, caplog):
@@ -190,10 +193,10 @@ def test_corrupt_checkpoint_is_an_error_or_a_logged_fallback(env, reference_run,
             if f != "_METADATA":
                 with open(os.path.join(dirpath, f), "wb") as fh:
                     fh.write(b"\0garbage")
-    with pytest.raises(ck.CheckpointError, match=f"checkpoints/{NUM_STEPS}"):
+    with pytest.raises(CheckpointError, match=f"checkpoints/{NUM_STEPS}"):
         loop.train_and_evaluate(train_config(env["data_dir"]), wd)
     tr = eight[0]
-    c = ck.Checkpointer(ck.checkpoint_dir(wd), use_async=False)
+    c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(wd), use_async=False)
     with caplog.at_level("ERROR"):
         r = c.restore_latest(tr.abstract_state, on_corrupt="fallback")
     c.close()
@@ -209,27 +212,27 @@ def test_resume_order(env, reference_run, eight, tmp_path):
     cfg.init_from = reference_run  # ignored: resume comes first
     wd = tmp_path / "resumed"
     wd.mkdir()
-    c = ck.Checkpointer(ck.checkpoint_dir(str(wd)))
-    state, frozen, data_state, source = loop._start(tr, cfg, wd, c)
+    c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(wd)))
+    state, frozen, data_state, source = loop.start_state(tr, cfg, wd, c)
     assert source == "resume" and int(sh.to_host(state.step)) == EVERY and data_state is not None
     expect = _read_checkpoint(reference_run, EVERY)
-    got = st.flatten(jax.device_get(state.params))
-    assert all(np.array_equal(got[k], v) for k, v in st.flatten(expect["params"]).items())
-    assert ck.is_base(str(wd / "base"))  # the new workdir is self-contained
+    got = flatten(jax.device_get(state.params))
+    assert all(np.array_equal(got[k], v) for k, v in flatten(expect["params"]).items())
+    assert checkpoints.is_base(str(wd / "base"))  # the new workdir is self-contained
     # With a checkpoint of its own, the workdir comes first.
     c.save(state.replace(step=state.step + 1), data_state, cfg)
     c.wait()
-    state, _, _, source = loop._start(tr, cfg, wd, c)
+    state, _, _, source = loop.start_state(tr, cfg, wd, c)
     assert source == "workdir" and int(sh.to_host(state.step)) == EVERY + 1
     c.close()
     # init_from alone: a fresh state (step 0) whose trainable params are the source's EMA.
     cfg.resume = ""
-    c = ck.Checkpointer(ck.checkpoint_dir(str(tmp_path / "fresh")))
-    state, _, data_state, source = loop._start(tr, cfg, tmp_path / "fresh", c)
+    c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(tmp_path / "fresh")))
+    state, _, data_state, source = loop.start_state(tr, cfg, tmp_path / "fresh", c)
     c.close()
     assert source == "init_from" and int(sh.to_host(state.step)) == 0 and data_state is None
-    ema = st.flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
-    got = st.flatten(jax.device_get(state.params))
+    ema = flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
+    got = flatten(jax.device_get(state.params))
     assert all(np.array_equal(got[k], ema[k]) for k in got)
 
 
@@ -237,12 +240,12 @@ def test_incompatible_config_unwritable_workdir_unknown_key(env, reference_run, 
     cfg = train_config(env["data_dir"])
     cfg.model.unet.layers_per_block = 2
     cfg.train.trainable = ("^unet/",)
-    with pytest.raises(loop.IncompatibleConfigError, match="model.unet.layers_per_block: 1 -> 2") as e:
+    with pytest.raises(IncompatibleConfigError, match="model.unet.layers_per_block: 1 -> 2") as e:
         loop.train_and_evaluate(cfg, reference_run)
     assert "train.trainable" in str(e.value)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(loop.WorkdirError, match="not writable"):
+    with pytest.raises(WorkdirError, match="not writable"):
         loop.train_and_evaluate(train_config(env["data_dir"]), str(blocker / "workdir"))
     r = subprocess.run(_cmd(tmp_path / "wd", env["data_dir"], "--config.train.no_such_key=1"), cwd=ROOT,
                        env=env["env"], capture_output=True, text=True, timeout=300)
@@ -296,22 +299,25 @@ def test_two_processes(two_process_run):
 
 def test_init_from_t2v_workdir_copies_unet_into_retention(two_process_run, one):
     wd = two_process_run[0]
-    config, variables = ck.load_for_inference(wd)
+    loaded = checkpoints.load(wd)
+    config, variables = loaded.config, loaded.params
     assert config.train.mode == "t2v" and set(variables) == {"unet", "text_encoder", "vae"}
     tr = one[0]
     params = jax.device_get(loop.load_init_from(tr, wd, jax.random.key(1)))
-    assert jax.tree.all(jax.tree.map(np.array_equal, params["model"]["unet"], variables["unet"]))
+    assert jax.tree.all(jax.tree.map(np.array_equal, params["unet"], variables["unet"]))
     assert jax.tree.all(jax.tree.map(np.array_equal, params["text_encoder"], variables["text_encoder"]))
     for k in ("conv_in", "time_embedding", "down_blocks_0", "mid_block"):
-        assert jax.tree.all(jax.tree.map(np.array_equal, params["model"]["retention"][k], variables["unet"][k]))
+        assert jax.tree.all(jax.tree.map(np.array_equal, params["retention"][k], variables["unet"][k]))
     # A base checkpoint written by save_base loads the same way.
     base = os.path.join(os.path.dirname(wd), "converted_base")
-    ck.save_base(base, {k: variables[k] for k in ("unet", "text_encoder", "vae")}, config.model)
-    loaded, model_config = ck.load_base(base)
+    checkpoints.save_base(base, {k: variables[k] for k in ("unet", "text_encoder", "vae")}, config.model)
+    stored, model_config = checkpoints.load_base(base)
     assert model_config.unet.block_out_channels == list(config.model.unet.block_out_channels)
-    assert jax.tree.all(jax.tree.map(np.array_equal, loaded["unet"], variables["unet"]))
+    assert jax.tree.all(jax.tree.map(np.array_equal, stored["unet"], variables["unet"]))
     params2 = jax.device_get(loop.load_init_from(tr, base, jax.random.key(1)))
-    assert jax.tree.all(jax.tree.map(np.array_equal, params2["model"], params["model"]))
+    model_groups = ("unet", "retention", "image_conv")
+    assert jax.tree.all(jax.tree.map(np.array_equal, {k: params2[k] for k in model_groups},
+                                     {k: params[k] for k in model_groups}))
 
 
 def test_init_from_t2v_source_ignores_retention_settings_but_not_unet_ones():
@@ -319,12 +325,12 @@ def test_init_from_t2v_source_ignores_retention_settings_but_not_unet_ones():
     src, cfg = train_config(), train_config()
     src.train.mode = "t2v"
     cfg.model.retention.image_input = "latent"
-    loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
-    with pytest.raises(loop.IncompatibleConfigError, match="model.retention.image_input"):
-        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=True)
+    loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
+    with pytest.raises(IncompatibleConfigError, match="model.retention.image_input"):
+        loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=True)
     cfg.model.unet.layers_per_block = int(src.model.unet.layers_per_block) + 1
-    with pytest.raises(loop.IncompatibleConfigError, match="model.unet.layers_per_block"):
-        loop._check_model_config(src.model, cfg, "init_from workdir w", source_has_branch=False)
+    with pytest.raises(IncompatibleConfigError, match="model.unet.layers_per_block"):
+        loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
 
 
 def test_tpu_launch_dry_run():

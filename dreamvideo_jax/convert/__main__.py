@@ -15,34 +15,34 @@ one-line `error:` message on bad input (missing files, pickles, truncated files,
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Optional, Sequence
 
+from absl import flags
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamvideo_jax.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--src", help="snapshot folder with unet/ vae/ text_encoder/ [tokenizer/]")
-    p.add_argument("--dst", required=True, help="output folder (must be empty or absent unless --overwrite)")
-    p.add_argument("--unet", help="U-Net folder or single .safetensors file (overrides SRC/unet)")
-    p.add_argument("--unet_config", help="config.json for a single-file U-Net (default: ms-1.7b architecture)")
-    p.add_argument("--vae", help="VAE folder (overrides SRC/vae)")
-    p.add_argument("--text_encoder", help="CLIP text model folder (overrides SRC/text_encoder)")
-    p.add_argument("--tokenizer", help="tokenizer folder (overrides SRC/tokenizer)")
-    p.add_argument("--variant", help="precision variant to read, e.g. fp16 (default: full precision if present)")
-    p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the written parameters (default float32)")
-    p.add_argument("--text_output_layer", type=int,
-                   help="text encoder layers to run (default: all layers in the checkpoint)")
-    p.add_argument("--allow_pickle", action="store_true",
-                   help="read .bin/.pt/.pth with torch.load(weights_only=True) instead of refusing them")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-    p.add_argument("--dry_run", action="store_true", help="check names and shapes only; load and write nothing")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    return p
+
+def _flags() -> flags.FlagValues:
+    """The command's flags, in a FlagValues of their own (so `main` can be called more than once)."""
+    fv = flags.FlagValues()
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("src", None, "Snapshot folder with unet/ vae/ text_encoder/ [tokenizer/].", **d)
+    flags.DEFINE_string("dst", None, "Output folder (must be empty or absent unless --overwrite).", **d)
+    flags.DEFINE_string("unet", None, "U-Net folder or single .safetensors file (overrides SRC/unet).", **d)
+    flags.DEFINE_string("unet_config", None, "config.json for a single-file U-Net (default: ms-1.7b).", **d)
+    flags.DEFINE_string("vae", None, "VAE folder (overrides SRC/vae).", **d)
+    flags.DEFINE_string("text_encoder", None, "CLIP text model folder (overrides SRC/text_encoder).", **d)
+    flags.DEFINE_string("tokenizer", None, "Tokenizer folder (overrides SRC/tokenizer).", **d)
+    flags.DEFINE_string("variant", None, "Precision variant to read, e.g. fp16 (default: full precision).", **d)
+    flags.DEFINE_enum("param_dtype", "float32", ("float32", "bfloat16", "float16"),
+                      "dtype of the written parameters.", **d)
+    flags.DEFINE_integer("text_output_layer", None, "Text encoder layers to run (default: all).", **d)
+    flags.DEFINE_bool("allow_pickle", False, "Read .bin/.pt/.pth with torch.load(weights_only=True) instead of "
+                      "refusing them.", **d)
+    flags.DEFINE_bool("overwrite", False, "Replace a non-empty --dst.", **d)
+    flags.DEFINE_bool("dry_run", False, "Check names and shapes only; load and write nothing.", **d)
+    flags.DEFINE_bool("json", False, "Print the summary as JSON.", **d)
+    return fv
 
 
 def _fmt_count(n: int) -> str:
@@ -69,22 +69,35 @@ def format_summary(s: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command; returns the exit status (0 ok, 1 bad input, 2 usage)."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = _flags()
+    if any(a in ("--help", "-h", "--helpfull") for a in argv):
+        print(__doc__ + "\nflags:\n" + fv.get_help())
+        return 0
+    try:
+        rest = fv(["python -m dreamvideo_jax.convert"] + argv)
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected arguments {rest[1:]} (flags are --name=value)")
+        if not fv.dst:
+            raise flags.Error("--dst is required")
+    except flags.Error as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     from dreamvideo_jax.convert.snapshot import convert_snapshot
     from dreamvideo_jax.convert.torch_to_flax import ConversionError
     from dreamvideo_jax.convert.weights import CheckpointError
 
     try:
         summary = convert_snapshot(
-            args.src, args.dst, unet=args.unet, vae=args.vae, text_encoder=args.text_encoder,
-            tokenizer=args.tokenizer, unet_config=args.unet_config, variant=args.variant,
-            allow_pickle=args.allow_pickle, param_dtype=args.param_dtype, text_output_layer=args.text_output_layer,
-            overwrite=args.overwrite, dry_run=args.dry_run)
+            fv.src, fv.dst, unet=fv.unet, vae=fv.vae, text_encoder=fv.text_encoder, tokenizer=fv.tokenizer,
+            unet_config=fv.unet_config, variant=fv.variant, allow_pickle=fv.allow_pickle,
+            param_dtype=fv.param_dtype, text_output_layer=fv.text_output_layer, overwrite=fv.overwrite,
+            dry_run=fv.dry_run)
     except (ConversionError, CheckpointError, OSError, ValueError) as e:
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {msg}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    print(json.dumps(summary, indent=2, default=str) if fv.json else format_summary(summary))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Source key layouts -> diffusers/transformers names, applied before the generic torch -> flax rule.
 
-* U-Net, original ModelScope-T2V layout (`model.diffusion_model.input_blocks...`, REFERENCE.md §2): the renaming
+* U-Net, original ModelScope-T2V layout (`model.diffusion_model.input_blocks...`): the renaming
   of diffusers' `scripts/convert_ms_text_to_video_to_diffusers.py`, generalised to any `layers_per_block`:
   `time_embed.0/2` -> `time_embedding.linear_1/2`, `input_blocks.0.0/1` -> `conv_in` / `transformer_in`,
   `input_blocks.i` (i >= 1; block b, layer l = divmod(i-1, layers_per_block+1)): `.0` ResBlock -> `resnets.l`

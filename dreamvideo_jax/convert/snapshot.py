@@ -2,7 +2,7 @@
 
 `convert_snapshot(src, dst)` reads a diffusers snapshot (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, e.g.
 `text-to-video-ms-1.7b`), converts the three networks and writes to `dst`:
-  * the base checkpoint (`training.checkpoint.save_base`): an orbax checkpoint of
+  * the base checkpoint (`checkpoints.save_base`): an orbax checkpoint of
     `{'unet', 'text_encoder', 'vae'}` parameters plus `model_config.json`, the `model` config section describing
     exactly these architectures -- what training's `config.init_from` loads (training then initialises the
     image-retention branch by copying the converted U-Net, `models.retention.init_retention_from_unet`);
@@ -148,7 +148,7 @@ def convert_snapshot(
         summary["tokenizer"] = os.path.abspath(tokenizer) if tokenizer else "built from open-clip-torch"
         return summary
 
-    from dreamvideo_jax.training.checkpoint import save_base
+    from dreamvideo_jax.checkpoints import save_base
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)

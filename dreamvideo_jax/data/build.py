@@ -326,10 +326,10 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    from absl import app
+    from dreamvideo_jax import command
 
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    command.run(main)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreamvideo_jax.diffusion.schedules import (
-    NoiseSchedule,
-    _expand,
-    canonical_prediction_type,
-)
+from dreamvideo_jax.diffusion.schedules import NoiseSchedule, add_noise, canonical_prediction_type, expand
 
 Spacing = Literal["leading", "trailing", "linspace"]
 SamplerName = Literal["ddim", "dpmpp_2m"]
@@ -247,14 +243,14 @@ def ddim_step(
     alpha_t, sigma_t = _scales_at(schedule, t, False)
     alpha_p, sigma_p = _scales_at(schedule, t_prev, set_alpha_to_one)
     out = model_output.astype(jnp.float32)
-    x0, eps = _convert(_expand(alpha_t, x_t), _expand(sigma_t, x_t), x_t, out, prediction_type)
+    x0, eps = _convert(expand(alpha_t, x_t), expand(sigma_t, x_t), x_t, out, prediction_type)
     # sigma_t(eta) of DDIM eq. 16, written with the stored (precise) noise scales.
     var = (sigma_p / sigma_t) ** 2 * (1.0 - (alpha_t / alpha_p) ** 2)
     std = jnp.asarray(eta, jnp.float32) * jnp.sqrt(var)
     direction = jnp.sqrt(jnp.maximum(sigma_p**2 - std**2, 0.0))
-    x_prev = _expand(alpha_p, x_t) * x0 + _expand(direction, x_t) * eps
+    x_prev = expand(alpha_p, x_t) * x0 + expand(direction, x_t) * eps
     if noise is not None:
-        x_prev = x_prev + _expand(std, x_t) * noise.astype(jnp.float32)
+        x_prev = x_prev + expand(std, x_t) * noise.astype(jnp.float32)
     return x_prev, x0
 
 
@@ -301,7 +297,7 @@ def dpmpp_2m_step(
     alpha_p, sigma_p = _scales_at(schedule, t_prev, set_alpha_to_one, amin)
     alpha_l, sigma_l = _scales_at(schedule, t_last, False, amin)
     out = model_output.astype(jnp.float32)
-    x0, _ = _convert(_expand(alpha_s, x_t), _expand(sigma_s, x_t), x_t, out, prediction_type)
+    x0, _ = _convert(expand(alpha_s, x_t), expand(sigma_s, x_t), x_t, out, prediction_type)
     rho_s, rho_p, rho_l = sigma_s / alpha_s, sigma_p / alpha_p, sigma_l / alpha_l
     ratio = rho_p / rho_s  # exp(-h); 0 when stepping to clean data
     second_order = jnp.asarray(second_order, bool)
@@ -311,8 +307,8 @@ def dpmpp_2m_step(
     h = jnp.where(second_order, h, 1.0)
     h_last = jnp.where(second_order, h_last, 1.0)
     d1_scale = jnp.where(second_order, 0.5 * h / h_last, 0.0)
-    d = x0 + _expand(d1_scale, x_t) * (x0 - x0_last.astype(jnp.float32))
-    x_prev = _expand(sigma_p / sigma_s, x_t) * x_t + _expand(alpha_p * (1.0 - ratio), x_t) * d
+    d = x0 + expand(d1_scale, x_t) * (x0 - x0_last.astype(jnp.float32))
+    x_prev = expand(sigma_p / sigma_s, x_t) * x_t + expand(alpha_p * (1.0 - ratio), x_t) * d
     return x_prev, x0
 
 
@@ -335,8 +331,8 @@ def double_guidance(
 
     Scales may be scalars or per-sample ``(B,)`` arrays.
     """
-    s_i = _expand(jnp.asarray(image_scale, jnp.float32), out_uncond)
-    s_t = _expand(jnp.asarray(text_scale, jnp.float32), out_uncond)
+    s_i = expand(jnp.asarray(image_scale, jnp.float32), out_uncond)
+    s_t = expand(jnp.asarray(text_scale, jnp.float32), out_uncond)
     return out_uncond + s_i * (out_img - out_uncond) + s_t * (out_full - out_img)
 
 
@@ -438,6 +434,16 @@ class Knobs(NamedTuple):
     keys: jax.Array  # typed PRNG keys, (B,)
 
 
+class Reference(NamedTuple):
+    """First-frame replacement (image-to-video with a text-to-video model, or pinning frame 0 exactly): before
+    every step frame 0 of the samples with ``mask`` is replaced by ``latent`` noised to the current level with the
+    fixed ``noise``, and after the last step by the clean ``latent``."""
+
+    latent: jax.Array  # (B, h, w, C) clean reference latent
+    noise: jax.Array  # (B, h, w, C) fixed noise
+    mask: jax.Array  # (B,) bool: replace frame 0 of this sample
+
+
 def _as_model_pytree(model_fn: Any) -> jax.tree_util.Partial:
     return model_fn if isinstance(model_fn, jax.tree_util.Partial) else jax.tree_util.Partial(model_fn)
 
@@ -449,6 +455,7 @@ def _step_impl(
     row: jax.Array,
     cond: Conditioning,
     knobs: Knobs,
+    ref: Reference | None = None,
     *,
     sampler: str,
     prediction_type: str,
@@ -456,6 +463,9 @@ def _step_impl(
 ) -> SamplerState:
     index, t, t_prev, t_last, second = row[0], row[1], row[2], row[3], row[4] != 0
     x = state.x
+    if ref is not None:  # frame 0 := the reference latent noised to the current level
+        noised = add_noise(schedule, ref.latent, ref.noise, jnp.broadcast_to(t, (x.shape[0],)))
+        x = x.at[:, 0].set(jnp.where(ref.mask[:, None, None, None], noised, x[:, 0]))
     x3, t3, text3, image3 = guidance_inputs(x, t, cond.text_emb, cond.null_text_emb, cond.image)
     out = model_fn(x3, t3, text3, image3).astype(jnp.float32)
     guided = double_guidance(*split_guidance_output(out), knobs.image_scale, knobs.text_scale)
@@ -471,22 +481,27 @@ def _step_impl(
         )  # fmt: skip
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'ddim' or 'dpmpp_2m'.")
+    if ref is not None:  # after the last step frame 0 is the clean reference latent
+        final = (t_prev < 0) & ref.mask
+        x_new = x_new.at[:, 0].set(jnp.where(final[:, None, None, None], ref.latent, x_new[:, 0]))
     return SamplerState(x_new, x0)
 
 
 _STATIC = ("sampler", "prediction_type", "set_alpha_to_one")
 
 guided_step = jax.jit(_step_impl, static_argnames=_STATIC)
-"""One guided denoising step, jitted: ``guided_step(model_fn, schedule, state, row, cond, knobs, *, sampler,
-prediction_type, set_alpha_to_one) -> SamplerState``. ``row`` is one row of :meth:`StepPlan.rows`.
+"""One guided denoising step, jitted: ``guided_step(model_fn, schedule, state, row, cond, knobs, ref=None, *,
+sampler, prediction_type, set_alpha_to_one) -> SamplerState``. ``row`` is one row of :meth:`StepPlan.rows`;
+``ref`` an optional :class:`Reference` (first-frame replacement).
 Compiles once per input shapes/dtypes, ``model_fn`` pytree structure and static options;
 ``guided_step._cache_size()`` counts compilations."""
 
 
-def _scan_impl(model_fn, schedule, state, rows, cond, knobs, *, sampler, prediction_type, set_alpha_to_one):
+def _scan_impl(model_fn, schedule, state, rows, cond, knobs, ref=None, *, sampler, prediction_type,
+               set_alpha_to_one):
     def body(carry, row):
         new = _step_impl(
-            model_fn, schedule, carry, row, cond, knobs,
+            model_fn, schedule, carry, row, cond, knobs, ref,
             sampler=sampler, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one,
         )  # fmt: skip
         return new, None

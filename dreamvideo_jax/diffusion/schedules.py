@@ -108,12 +108,22 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+# The `diffusion` config section: the training noise schedule, ModelScope-T2V's by default.
+DEFAULTS = dict(
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    rescale_zero_terminal_snr=False,
+)
+
+
 def make_betas(
-    kind: ScheduleKind = "scaled_linear",
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    rescale_zero_terminal_snr: bool = False,
+    kind: ScheduleKind = DEFAULTS["beta_schedule"],
+    num_train_timesteps: int = DEFAULTS["num_train_timesteps"],
+    beta_start: float = DEFAULTS["beta_start"],
+    beta_end: float = DEFAULTS["beta_end"],
+    rescale_zero_terminal_snr: bool = DEFAULTS["rescale_zero_terminal_snr"],
 ) -> np.ndarray:
     """The float64 betas behind :func:`make_schedule` (host-side numpy; same arguments).
 
@@ -134,11 +144,11 @@ def make_betas(
 
 
 def make_schedule(
-    kind: ScheduleKind = "scaled_linear",
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    rescale_zero_terminal_snr: bool = False,
+    kind: ScheduleKind = DEFAULTS["beta_schedule"],
+    num_train_timesteps: int = DEFAULTS["num_train_timesteps"],
+    beta_start: float = DEFAULTS["beta_start"],
+    beta_end: float = DEFAULTS["beta_end"],
+    rescale_zero_terminal_snr: bool = DEFAULTS["rescale_zero_terminal_snr"],
 ) -> NoiseSchedule:
     """Builds a noise schedule equal to diffusers' ``DDPMScheduler``/``DDIMScheduler`` tables.
 
@@ -168,7 +178,27 @@ def make_schedule(
     )
 
 
-def _expand(coef: jax.Array, like: jax.Array) -> jax.Array:
+def section(diffusion=None) -> dict:
+    """A config's `diffusion` section over :data:`DEFAULTS` (missing keys take the default).
+
+    Raises:
+        ValueError: unknown keys (a typo must not silently fall back to a default).
+    """
+    given = dict(diffusion.to_dict() if hasattr(diffusion, "to_dict") else diffusion or {})
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"diffusion: unknown config keys {unknown}; known keys are {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **given}
+
+
+def from_config(diffusion=None) -> NoiseSchedule:
+    """The schedule of a config's `diffusion` section (see :func:`section`)."""
+    d = section(diffusion)
+    return make_schedule(str(d["beta_schedule"]), int(d["num_train_timesteps"]), float(d["beta_start"]),
+                         float(d["beta_end"]), bool(d["rescale_zero_terminal_snr"]))
+
+
+def expand(coef: jax.Array, like: jax.Array) -> jax.Array:
     """Right-pads ``coef`` (shape ``()`` or ``(B,)``) with singleton axes so it broadcasts over ``like``."""
     coef = jnp.asarray(coef)
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
@@ -196,13 +226,13 @@ def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.A
         t: integer timesteps, shape ``(B,)`` (or a scalar), broadcast over the trailing axes.
     """
     alpha, sigma = signal_noise_scales(schedule, t)
-    return _expand(alpha, x0) * x0 + _expand(sigma, x0) * noise
+    return expand(alpha, x0) * x0 + expand(sigma, x0) * noise
 
 
 def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """The v-prediction target ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (diffusers ``get_velocity``)."""
     alpha, sigma = signal_noise_scales(schedule, t)
-    return _expand(alpha, x0) * noise - _expand(sigma, x0) * x0
+    return expand(alpha, x0) * noise - expand(sigma, x0) * x0
 
 
 def training_target(
@@ -250,7 +280,7 @@ def to_x0_eps(
     x_t = x_t.astype(jnp.float32)
     model_output = model_output.astype(jnp.float32)
     alpha, sigma = signal_noise_scales(schedule, t)
-    alpha, sigma = _expand(alpha, x_t), _expand(sigma, x_t)
+    alpha, sigma = expand(alpha, x_t), expand(sigma, x_t)
     if prediction_type == "eps":
         eps = model_output
         x0 = (x_t - sigma * eps) / alpha

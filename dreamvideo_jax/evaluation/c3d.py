@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dreamvideo_jax.evaluation.i3d import _Conv3D
+from dreamvideo_jax.evaluation.i3d import Conv3D
 
 CONV_NAMES = ("conv1a", "conv2a", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b")
 FC_NAMES = ("fc6", "fc7", "fc8")
@@ -85,7 +85,7 @@ class C3D(nn.Module):
         c = self.config
         if x.shape[1:] != (c.frames, c.size, c.size, 3):
             raise ValueError(f"C3D takes (N, {c.frames}, {c.size}, {c.size}, 3) clips; got {x.shape}")
-        conv = lambda i, h: nn.relu(_Conv3D(c.widths[i], (3, 3, 3), use_bias=True, name=CONV_NAMES[i])(h))
+        conv = lambda i, h: nn.relu(Conv3D(c.widths[i], (3, 3, 3), use_bias=True, name=CONV_NAMES[i])(h))
         x = _pool(conv(0, x), (1, 2, 2))
         x = _pool(conv(1, x), (2, 2, 2))
         x = _pool(conv(3, conv(2, x)), (2, 2, 2))

@@ -51,7 +51,7 @@ def _same_pads(size: int, k: int, s: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-class _Conv3D(nn.Module):
+class Conv3D(nn.Module):
     """A 3D convolution (kernel `(kt, kh, kw, I, O)`, TF 'SAME' padding) run as 2D convolutions over frames."""
 
     features: int
@@ -90,7 +90,7 @@ class _Unit3D(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = _Conv3D(self.features, self.kernel_size, self.strides, use_bias=not self.batch_norm, name="Conv_0")(x)
+        x = Conv3D(self.features, self.kernel_size, self.strides, use_bias=not self.batch_norm, name="Conv_0")(x)
         if self.batch_norm:  # Sonnet v1 BatchNorm: offset, no scale, eps 1e-3; moving statistics at inference
             x = nn.BatchNorm(use_running_average=True, momentum=0.999, epsilon=1e-3, use_scale=False,
                              name="BatchNorm_0")(x)

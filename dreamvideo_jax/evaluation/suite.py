@@ -148,12 +148,12 @@ class MetricSuite:
             self.per_clip["clip_sim"] += self.clip.clip_sim(fake, list(captions)).tolist()
         if self.shapes:
             from dreamvideo_jax.data.moving_shapes import parse_caption
-            from dreamvideo_jax.evaluation import shapes as S
+            from dreamvideo_jax.evaluation import shapes as shapes_lib
 
             want = [parse_caption(c) for c in captions]
-            self.per_clip["shapes_direction_ok"] += [float(g == w[2]) for g, w in zip(S.predicted_directions(fake), want)]
-            self.per_clip["shapes_identity"] += S.identity_scores(fake).tolist()
-            self.per_clip["shapes_colour_ok"] += [float(g == w[1]) for g, w in zip(S.object_colour_names(fake), want)]
+            self.per_clip["shapes_direction_ok"] += [float(g == w[2]) for g, w in zip(shapes_lib.predicted_directions(fake), want)]
+            self.per_clip["shapes_identity"] += shapes_lib.identity_scores(fake).tolist()
+            self.per_clip["shapes_colour_ok"] += [float(g == w[1]) for g, w in zip(shapes_lib.object_colour_names(fake), want)]
         self.num += len(fake)
         return self
 

@@ -109,5 +109,23 @@ def rules_from_config(sharding_config: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(rules)
 
 
-def batch_size_divisor(mesh: jax.sharding.Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The axes of any mesh a batch is split over: its data-parallel axes, or all of its axes if it has none."""
+    axes = tuple(a for a in mesh.axis_names if a in BATCH_AXES + ("batch",))
+    return axes or tuple(mesh.axis_names)
+
+
+def batch_divisor(mesh: jax.sharding.Mesh) -> int:
+    """How many ways `batch_axes` split a batch."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def fewest_devices_mesh(batch: int, devices: Sequence[jax.Device]) -> tuple[jax.sharding.Mesh, int]:
+    """A ('data',) mesh over the fewest of `devices` that need as few rounds as all of them, and the batch padded
+    to a multiple of its size: ``k = ceil(B / ceil(B / n))`` devices (1 sample on 8 devices runs on one device
+    instead of computing 7 discarded copies)."""
+    rounds = -(-batch // len(devices))
+    k = -(-batch // rounds)
+    return jax.sharding.Mesh(np.asarray(devices[:k]), (DATA,)), rounds * k

@@ -1,8 +1,9 @@
-"""The `sample` config section: defaults of every sampling knob (`config.sample = sampling.config.defaults()`).
+"""The `sample` config section: every sampling knob, documented here once.
 
 Every key can be overridden per call (`Sampler.generate(..., text_guidance=9.0)`) or from the command line
-(`--text_guidance=9`, or `--config.sample.text_guidance=9`). A config without a `sample` section gets these
-defaults; unknown keys in a config's `sample` section are an error (a typo must not be silently ignored).
+(`--config.sample.text_guidance=9` for `python -m dreamvideo_jax.sample` and `.evaluate`). A config without a
+`sample` section gets these defaults; unknown keys in a config's `sample` section are an error (a typo must not
+be silently ignored). This file is also the default `--config` of those commands (`get_config`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,15 @@ def defaults() -> ml_collections.ConfigDict:
         decode_chunk_size=8,  # frames per sample decoded at once by the VAE (0 = all); lower to save memory
         fps=8.0,  # frame rate of written videos (ModelScope-T2V: 8)
         tokenizer="",  # CLIP tokenizer folder; '' = the checkpoint's tokenizer/ folder, else CLIP built offline
+        # Chains (the sample command): stages beyond the given prompts repeat the last prompt.
+        stages=0,  # number of chained stages; 0 = one per prompt given
+        drop_repeated_frame=False,  # leave out each later stage's first frame (= the previous last) when joining
     ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default `--config` of the sample and evaluate commands: the `sample` section alone."""
+    return ml_collections.ConfigDict({"sample": defaults()})
 
 
 def resolve(config) -> ml_collections.ConfigDict:

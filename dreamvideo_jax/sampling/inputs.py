@@ -24,23 +24,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreamvideo_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".mp4", ".gif", ".npz")
 
 
-class InputError(ValueError):
-    """A bad argument: ``str(e)`` is one line, ``--{name}={value}: {reason}``."""
-
-    def __init__(self, name: str, value: Any, reason: str):
-        self.name, self.value, self.reason = name, value, reason
-        super().__init__(f"--{name}={_show(value)}: {reason}")
-
-
-def _show(value: Any) -> str:
-    s = value if isinstance(value, str) else repr(value)
-    s = " ".join(str(s).split())
-    return s if len(s) <= 120 else s[:117] + "..."
 
 
 # ------------------------------------------------------------------------------------------------------------

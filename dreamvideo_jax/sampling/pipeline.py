@@ -1,16 +1,18 @@
 """The sampling pipeline: images + prompts in, uint8 videos out; multi-stage chains; batch sharding.
 
-    sampler = Sampler(config, variables)               # variables: sampling.weights.load(...).variables
+    loaded = checkpoints.load("/runs/dreamvideo")      # or a base folder, or WORKDIR/checkpoints/<step>
+    sampler = Sampler(loaded.config, loaded.params)
     video = sampler.generate(image, "a dog runs", num_frames=16, text_guidance=9.0, seed=1)   # (1, F, H, W, 3)
     chain = sampler.generate_chain(image, ["a dog runs", "the dog jumps"])   # chain.video: (1, 2F, H, W, 3)
 
-Flow of one clip (DESIGN.md §2): tokenise (warn on truncation) -> text encoder on the prompts and on "" ->
+Flow of one clip: tokenise (warn on truncation) -> text encoder on the prompts and on "" ->
 reference image in [-1, 1] (or its VAE latent) -> initial noise -> N guided steps, each ONE batched forward over the
 three guidance branches (samplers.guided_step) -> VAE decode in frame chunks -> uint8.
 
-Compile once. Every device function (text encoder, preparation, denoising step, decoder) is compiled ahead of time
-(`jit(...).lower(...).compile()`, timed, so compile time is reported apart from sampling time) and cached for the
-process by input shapes, shardings and static options. Guidance scales (per sample), seeds, eta, the stage index,
+Compile once. The device functions (text encoder, `prepare`, `decode` here and the denoising step / scan of
+`diffusion.samplers`) are module-level jitted functions whose static arguments are the `System` (equal
+architectures share programs across Sampler objects), shapes and options; JAX's compile events are timed, so
+compile time is reported apart from sampling time. Guidance scales (per sample), seeds, eta, the stage index,
 the first-frame-replacement switch and the timesteps are *inputs*: changing them -- or the number of steps with
 the Python loop -- never compiles anything (a test counts XLA compilations). The sampler, the clip size, the
 batch size and `loop='scan'`'s step count are shapes or static and do compile once each.
@@ -33,7 +35,7 @@ passed along and nothing is re-encoded behind the user's back (except by the ima
 image input is a VAE latent -- the same as for a user image). The joined video is the stages' frames in order;
 ``drop_repeated_frame`` removes each later stage's first frame, which re-shows the previous last frame.
 Drift over the chain (SSIM and colour shift of each stage's first frame against the input image) is measured
-(`sampling.metrics`).
+(`sampling.drift`).
 
 Text-to-video models (``mode='t2v'``, the ModelScope base). The image branch is absent, so the "image only" branch
 equals the unconditional one: the model runs the unconditional and text rows only (2B rows, not 3B) and guidance
@@ -44,36 +46,30 @@ clip: before every step frame 0 of the latents is replaced by the reference late
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
+import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dreamvideo_jax.diffusion import samplers, schedules
-from dreamvideo_jax.models import build as mb
+from dreamvideo_jax.data import tokenizer as tokenizer_lib
+from dreamvideo_jax.diffusion import samplers
+from dreamvideo_jax.parallel import mesh as mesh_lib
 from dreamvideo_jax.sampling import config as sample_config
-from dreamvideo_jax.sampling import inputs as I
-from dreamvideo_jax.sampling import metrics
-from dreamvideo_jax.sampling.weights import split_variables
+from dreamvideo_jax.sampling import inputs
+from dreamvideo_jax.sampling import drift
+from dreamvideo_jax.system import System
 
 log = logging.getLogger(__name__)
 
-BATCH_MESH_AXES = ("data", "fsdp", "batch")
 _REPLACEMENT_NOISE_SALT = 0x7FFFFFFE  # != the initial-noise salt and != any step index
-
-# Process-wide cache of compiled executables: several Sampler objects over the same architecture (a demo that
-# reloads weights, tests) share them, since parameters are inputs.
-_EXECUTABLES: dict[tuple, Any] = {}
 
 
 @dataclasses.dataclass
@@ -114,7 +110,7 @@ class ChainResult:
         references: uint8 ``(B, S, H, W, 3)``, the reference image of each stage (``[:, 0]`` = the input image,
             ``[:, k]`` = ``stages[k - 1][:, -1]``).
         latents: ``S`` float32 ``(B, F, h, w, C)``, each stage's latents before decoding.
-        drift: see :func:`sampling.metrics.chain_drift`.
+        drift: see :func:`sampling.drift.chain_drift`.
         prompts: ``[stage][sample]``.
         seeds: per sample.
     """
@@ -126,12 +122,6 @@ class ChainResult:
     drift: dict
     prompts: list[list[str]]
     seeds: list[int]
-
-
-class _Reference(NamedTuple):
-    latent: jax.Array  # (B, h, w, C) clean reference latent (zeros when unused)
-    noise: jax.Array  # (B, h, w, C) fixed noise for the replacement
-    mask: jax.Array  # (B,) bool: replace frame 0
 
 
 @dataclasses.dataclass
@@ -170,25 +160,102 @@ def _pad(seq: list, n: int) -> list:
     return list(seq) + [seq[-1]] * (n - len(seq))
 
 
-def _sharding_key(s: Any) -> Any:
-    if s is None:
-        return None
-    if isinstance(s, NamedSharding):
-        m = s.mesh
-        return ("named", tuple(d.id for d in m.devices.flat), tuple(m.axis_names), tuple(m.devices.shape), str(s.spec))
-    return (type(s).__name__, tuple(sorted(d.id for d in s.device_set)), repr(s))
-
-
-def _signature(tree: Any) -> tuple:
-    def one(x):
-        return (tuple(np.shape(x)), str(getattr(x, "dtype", type(x))), _sharding_key(getattr(x, "sharding", None)))
-
-    leaves, treedef = jax.tree.flatten(tree)
-    return (str(treedef), tuple(one(x) for x in leaves))
-
-
 def _to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compilation time: JAX reports every trace, lowering and XLA compile; those during a Sampler call are its
+# compile time (so it is reported apart from sampling), and XLA compiles are counted.
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_ACTIVE: list[Timings] = []
+
+
+def _on_compile_event(name: str, secs: float, **kwargs) -> None:
+    if _ACTIVE and name in _COMPILE_EVENTS:
+        _ACTIVE[-1].compile_s += secs
+        if name == _COMPILE_EVENTS[-1]:
+            _ACTIVE[-1].compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile_event)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device functions. Module-level jitted functions whose static arguments are the System (equal architectures
+# share programs), shapes and output shardings: parameters, seeds, guidance scales and timesteps are inputs.
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedModel:
+    """``model_fn`` of `samplers.guided_step` for a System: rows ``3b+k`` are sample b's (uncond, image, full)
+    branch. A text-to-video system has no image branch: its image-only row equals the unconditional one, so only
+    rows ``3b`` and ``3b+2`` are run."""
+
+    system: System
+
+    def __call__(self, params, x3, t3, text3, image3):
+        if self.system.mode == "dreamvideo":
+            return self.system.predict(params, x3, t3, text3, image3)
+        n = x3.shape[0] // 3
+        pick = lambda a: a.reshape((n, 3) + a.shape[1:])[:, ::2].reshape((2 * n,) + a.shape[1:])  # noqa: E731
+        out = self.system.predict(params, pick(x3), pick(t3), pick(text3))
+        out = out.reshape((n, 2) + out.shape[1:])
+        return jnp.stack([out[:, 0], out[:, 0], out[:, 1]], axis=1).reshape(x3.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("system", "out_sharding"))
+def encode_text(system: System, text_params, ids, *, out_sharding=None):
+    """Token ids ``(B, L)`` -> float32 text embeddings ``(B, L, D)``."""
+    out = system.encode_text({"text_encoder": text_params}, ids).astype(jnp.float32)
+    return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("system", "shape", "need_latent", "out_sharding"))
+def prepare(system: System, vae_params, seeds, stage, images_u8, *, shape, need_latent, out_sharding=None):
+    """Initial noise, per-sample keys, the model's image input, the reference latent and the replacement noise
+    of a batch: sample b uses ``fold_in(key(seeds[b]), stage)`` for everything."""
+    b, f, h, w, c = shape
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stage))(seeds)
+    x_t = samplers.initial_noise(keys, shape)
+    images = images_u8.astype(jnp.float32) / 127.5 - 1.0
+    if need_latent:
+        latent = system.image_latent({"vae": vae_params}, images).astype(jnp.float32)
+    else:
+        latent = jnp.zeros((b, h, w, c), jnp.float32)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _REPLACEMENT_NOISE_SALT), (h, w, c),
+                                                 jnp.float32))(keys)
+    if system.mode == "t2v":
+        model_image = jnp.zeros((b, 1), jnp.float32)
+    elif system.image_input == "latent":
+        model_image = latent
+    else:
+        model_image = images
+    out = (x_t, model_image, latent, noise)
+    if out_sharding is not None:
+        out = tuple(jax.lax.with_sharding_constraint(a, out_sharding) for a in out)
+    return out + (keys,)
+
+
+@functools.partial(jax.jit, static_argnames=("system", "chunk", "out_sharding"))
+def decode(system: System, vae_params, latents, *, chunk: int, out_sharding=None):
+    """Latents ``(B, F, h, w, C)`` -> uint8 frames ``(B, F, H, W, 3)``, ``chunk`` frames of every sample at a
+    time (samples stay on their devices)."""
+    b, f = latents.shape[:2]
+    n = -(-f // chunk)
+    variables = system.vae_variables({"vae": vae_params})
+    zp = jnp.pad(latents, ((0, 0), (0, n * chunk - f)) + ((0, 0),) * (latents.ndim - 2))
+    zc = jnp.moveaxis(zp.reshape((b, n, chunk) + latents.shape[2:]), 1, 0)  # (n, B, chunk, h, w, C)
+
+    def one(zz):
+        frames = system.autoencoder.apply(variables, zz.reshape((b * chunk,) + latents.shape[2:]), method="decode")
+        return _to_uint8(frames).reshape((b, chunk) + frames.shape[1:])
+
+    out = jax.lax.map(one, zc)  # (n, B, chunk, H, W, 3)
+    out = jnp.moveaxis(out, 0, 1).reshape((b, n * chunk) + out.shape[3:])[:, :f]
+    return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
 
 
 class Sampler:
@@ -196,8 +263,9 @@ class Sampler:
 
     Args:
         config: the model's config (``model``, ``diffusion``, ``train.prediction_type``, optional ``sample`` and
-            ``data.pad_id``; e.g. the one ``training.checkpoint.load_for_inference`` returns).
-        variables: weights, any layout :func:`sampling.weights.split_variables` accepts (numpy or jax arrays).
+            ``data.pad_id``; e.g. ``checkpoints.load(path).config``).
+        params: weights in the system's layout (`dreamvideo_jax.system`), numpy or jax arrays, e.g.
+            `checkpoints.load(path).params` or `System(config).random_params()`.
         mesh: devices to split batches over (see the module docstring); ``None`` = local devices, automatically.
         mode: ``'dreamvideo'`` | ``'t2v'`` | ``None`` (from the weights). ``'t2v'`` on DreamVideo weights runs
             their primary U-Net alone.
@@ -206,43 +274,22 @@ class Sampler:
         tokenizer_dir: a tokenizer folder shipped with the weights (used when ``config.sample.tokenizer`` is '').
     """
 
-    def __init__(self, config, variables: dict, *, mesh: Mesh | None = None, mode: str | None = None,
+    def __init__(self, config, params: dict, *, mesh: Mesh | None = None, mode: str | None = None,
                  tokenizer: Any = None, tokenizer_dir: str | None = None):
         self.config = config
         self.options = sample_config.resolve(config)
-        m = config.model
-        mb.check_model_config(m)
-        self.mode, model_params, text_params, vae_params = split_variables(variables, mode)
-        self.model = mb.build_dreamvideo(m)
-        self.text_encoder = mb.build_text_encoder(m)
-        self.vae = mb.build_autoencoder(m)
-        self.factor = mb.autoencoder_factor(m)
-        self.latent_channels = mb.latent_channels(m)
-        self.image_input = mb.retention_config(m).image_input
-        self.context_length = mb.text_config(m).context_length
-        train = config.get("train") or ml_collections.ConfigDict()
-        self.prediction_type = schedules.canonical_prediction_type(train.get("prediction_type", "eps"))
-        d = config.get("diffusion") or ml_collections.ConfigDict()
-        self.schedule_args = (d.get("beta_schedule", "scaled_linear"), int(d.get("num_train_timesteps", 1000)),
-                              float(d.get("beta_start", 0.00085)), float(d.get("beta_end", 0.012)),
-                              bool(d.get("rescale_zero_terminal_snr", False)))
-        self.schedule = schedules.make_schedule(*self.schedule_args)
-        data = config.get("data") or ml_collections.ConfigDict()
-        from dreamvideo_jax.data import tokenizer as tok
-
-        self.pad_id = int(data.get("pad_id", tok.PAD_ID))
+        self.system = System(config, mode)
+        self.mode = self.system.mode
+        self.prediction_type = self.system.prediction_type
+        self.schedule = self.system.schedule
+        self.factor = self.system.factor
+        self._params = self.system.conform(params, "the weights")
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
-        self._params = {"model": model_params, "text": text_params, "vae": vae_params}
         self._mesh = mesh
         self._placed: tuple[Any, Any] | None = None  # (mesh key, params on that mesh): one copy at a time
-        self._sig_cache: dict[int, tuple] = {}
         self._null: dict[Any, jax.Array] = {}
-        arch = json.dumps(m.to_dict() if hasattr(m, "to_dict") else dict(m), sort_keys=True, default=str)
-        self._arch_key = hashlib.sha256(arch.encode()).hexdigest()  # text encoder, VAE
-        self._model_key = hashlib.sha256(f"{arch}|{self.mode}|{self.prediction_type}".encode()).hexdigest()
         self.timings = Timings()
-        self.compiled: list[tuple[str, float]] = []  # (name, seconds) of every compilation by this sampler
 
     # ----------------------------------------------------------------------------------------------------------
     # Public API
@@ -300,10 +347,9 @@ class Sampler:
         b = latents.shape[0]
         mesh, padded = self._mesh_for(b)
         latents = np.concatenate([latents, np.repeat(latents[-1:], padded - b, 0)]) if padded > b else latents
-        t0 = time.perf_counter()
-        video = self._decode(mesh, jax.device_put(latents, self._batch_sharding(mesh, latents.ndim)))
-        out = np.asarray(jax.device_get(video))[:b]
-        self.timings.decode_s += time.perf_counter() - t0 - self._last_compile_s
+        with self._timed("decode_s"):
+            video = self._decode(mesh, jax.device_put(latents, self._batch_sharding(mesh)))
+            out = np.asarray(jax.device_get(video))[:b]
         return out
 
     def generate_chain(self, images: Any, prompts: Sequence[str] | Sequence[Sequence[str]], *,
@@ -321,14 +367,14 @@ class Sampler:
             **kwargs: as for :meth:`sample_latents` (``seed`` / guidance may be per sample).
         """
         if isinstance(prompts, str) or not prompts:
-            raise I.InputError("prompt", prompts, "generate_chain takes a list of prompts, one per stage")
+            raise inputs.InputError("prompt", prompts, "generate_chain takes a list of prompts, one per stage")
         stage_prompts = [[p] if isinstance(p, str) else list(p) for p in prompts]
         batch = max([len(p) for p in stage_prompts] + [_batch_size(images, stage_prompts[0], kwargs.get("seed"),
                                                                    kwargs.get("image_guidance"),
                                                                    kwargs.get("text_guidance"))])
         stage_prompts = [p * batch if len(p) == 1 else p for p in stage_prompts]
         if any(len(p) != batch for p in stage_prompts):
-            raise I.InputError("prompt", prompts, f"every stage needs 1 or {batch} prompts")
+            raise inputs.InputError("prompt", prompts, f"every stage needs 1 or {batch} prompts")
         timings = Timings()
         refs, stages, latents = [], [], []
         current = images
@@ -356,13 +402,8 @@ class Sampler:
         references = np.stack(refs, axis=1)
         parts = [stages[0]] + [s[:, 1:] if drop_repeated_frame else s for s in stages[1:]]
         video = np.concatenate(parts, axis=1)
-        drift = metrics.chain_drift(references[:, 0], references, stages)
-        return ChainResult(video, stages, references, latents, drift, stage_prompts, list(seeds))
-
-    @property
-    def compile_count(self) -> int:
-        """Executables this sampler compiled (cached ones reused from other samplers are not counted)."""
-        return len(self.compiled)
+        chain_drift = drift.chain_drift(references[:, 0], references, stages)
+        return ChainResult(video, stages, references, latents, chain_drift, stage_prompts, list(seeds))
 
     # ----------------------------------------------------------------------------------------------------------
     # Requests
@@ -371,48 +412,48 @@ class Sampler:
                  seed, eta, first_frame_replacement, negative_prompt=None, quiet: bool = False) -> _Request:
         o = self.options
         f0, h0, w0 = self.default_size()
-        num_frames = I.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
-        height = I.check_size("height", h0 if height is None else height, self.factor)
-        width = I.check_size("width", w0 if width is None else width, self.factor)
-        sampler = I.check_sampler(o.sampler if sampler is None else sampler)
-        steps = I.check_steps(o.steps if steps is None else steps, sampler, self.num_train_timesteps,
+        num_frames = inputs.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
+        height = inputs.check_size("height", h0 if height is None else height, self.factor)
+        width = inputs.check_size("width", w0 if width is None else width, self.factor)
+        sampler = inputs.check_sampler(o.sampler if sampler is None else sampler)
+        steps = inputs.check_steps(o.steps if steps is None else steps, sampler, self.num_train_timesteps,
                               o.timestep_spacing, int(o.steps_offset))
-        eta = I.check_eta(o.eta if eta is None else eta, sampler)
+        eta = inputs.check_eta(o.eta if eta is None else eta, sampler)
         replace = bool(o.first_frame_replacement if first_frame_replacement is None else first_frame_replacement)
         negative = o.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(negative, str):
-            raise I.InputError("negative_prompt", negative, "must be a string")
+            raise inputs.InputError("negative_prompt", negative, "must be a string")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
-            raise I.InputError("prompt", prompts, "no prompts given")
+            raise inputs.InputError("prompt", prompts, "no prompts given")
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
-                raise I.InputError("prompt", p, f"prompt {i} is not a string")
+                raise inputs.InputError("prompt", p, f"prompt {i} is not a string")
         b = _batch_size(images, prompts, seed, image_guidance, text_guidance)
         if len(prompts) == 1:
             prompts = prompts * b
         elif len(prompts) != b:
-            raise I.InputError("prompt", prompts, f"expected one prompt or {b} (one per sample)")
+            raise inputs.InputError("prompt", prompts, f"expected one prompt or {b} (one per sample)")
         if images is None:
             if self.mode == "dreamvideo" or replace:
-                raise I.InputError("image", None, "a reference image is required"
+                raise inputs.InputError("image", None, "a reference image is required"
                                    + (" for first-frame replacement" if replace else " by a DreamVideo model"))
             images_u8 = np.zeros((b, height, width, 3), np.uint8)
         else:
             if isinstance(images, (list, tuple)) and len(images) == 1 and b > 1:
                 images = images[0]
-            images_u8 = I.as_uint8_images(images, height, width, batch=b)
+            images_u8 = inputs.as_uint8_images(images, height, width, batch=b)
             if self.mode == "t2v" and not replace and not quiet:
                 log.warning("the text-to-video model ignores the reference image; pass first_frame_replacement "
                             "(--first_frame_replacement) to start the video from it")
-        image_scale = [I.check_guidance("image_guidance", float(v)) for v in
-                       I.per_sample(o.image_guidance if image_guidance is None else image_guidance, b,
+        image_scale = [inputs.check_guidance("image_guidance", float(v)) for v in
+                       inputs.per_sample(o.image_guidance if image_guidance is None else image_guidance, b,
                                     "image_guidance")]
-        text_scale = [I.check_guidance("text_guidance", float(v)) for v in
-                      I.per_sample(o.text_guidance if text_guidance is None else text_guidance, b, "text_guidance")]
+        text_scale = [inputs.check_guidance("text_guidance", float(v)) for v in
+                      inputs.per_sample(o.text_guidance if text_guidance is None else text_guidance, b, "text_guidance")]
         if self.mode == "t2v" and any(s != 1.0 for s in image_scale) and not quiet:
             log.info("image_guidance has no effect on a text-to-video model (no image branch)")
-        seeds = I.seeds_for(int(o.seed) if seed is None else seed, b)
+        seeds = inputs.seeds_for(int(o.seed) if seed is None else seed, b)
         _, padded = self._mesh_for(b)
         return _Request(
             batch=b, padded=padded,
@@ -429,23 +470,13 @@ class Sampler:
 
     def _mesh_for(self, batch: int) -> tuple[Mesh, int]:
         if self._mesh is not None:
-            k = self._batch_divisor(self._mesh)
+            k = mesh_lib.batch_divisor(self._mesh)
             return self._mesh, -(-batch // k) * k
-        devices = jax.local_devices()
-        rounds = -(-batch // len(devices))
-        k = -(-batch // rounds)
-        return Mesh(np.asarray(devices[:k]), ("data",)), rounds * k
+        return mesh_lib.fewest_devices_mesh(batch, jax.local_devices())
 
     @staticmethod
-    def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-        axes = tuple(a for a in mesh.axis_names if a in BATCH_MESH_AXES)
-        return axes or tuple(mesh.axis_names)
-
-    def _batch_divisor(self, mesh: Mesh) -> int:
-        return math.prod(mesh.shape[a] for a in self._batch_axes(mesh))
-
-    def _batch_sharding(self, mesh: Mesh, ndim: int) -> NamedSharding:
-        return NamedSharding(mesh, P(self._batch_axes(mesh), *([None] * (ndim - 1))))
+    def _batch_sharding(mesh: Mesh) -> NamedSharding:
+        return NamedSharding(mesh, P(mesh_lib.batch_axes(mesh)))
 
     @staticmethod
     def _mesh_key(mesh: Mesh) -> tuple:
@@ -456,233 +487,123 @@ class Sampler:
         if self._placed is None or self._placed[0] != key:
             self._placed = None  # free the previous copy first
             rep = NamedSharding(mesh, P())
-            placed = jax.device_put({**self._params, "schedule": self.schedule}, rep)
-            self._placed = (key, placed)
-            # Parameter trees are arguments of every call: their signatures are computed once per placement.
-            self._sig_cache = {id(v): _signature(v) for v in placed.values()}
+            self._placed = (key, jax.device_put({"params": self._params, "schedule": self.schedule}, rep))
         return self._placed[1]
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Compilation
-
-    _last_compile_s = 0.0
-
-    def _executable(self, name: str, fn: Callable, args: tuple, static: tuple, out_shardings: Any = None):
-        arch = self._arch_key if name in ("text_encoder", "decode") else self._model_key
-        sig = tuple(self._sig_cache.get(id(a)) or _signature(a) for a in args)
-        key = (arch, name, static, sig, bool(jax.config.read("jax_disable_most_optimizations")))
-        exe = _EXECUTABLES.get(key)
-        self._last_compile_s = 0.0
-        if exe is None:
-            t0 = time.perf_counter()
-            jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
-            exe = jitted.lower(*args).compile()
-            dt = time.perf_counter() - t0
-            _EXECUTABLES[key] = exe
-            self.compiled.append((name, dt))
-            self.timings.compile_s += dt
-            self.timings.compiles += 1
-            self._last_compile_s = dt
-            log.info("compiled %s in %.1f s", name, dt)
-        return exe
+    @contextlib.contextmanager
+    def _timed(self, field: str):
+        """Adds the wall time of the block, less the compile time inside it, to ``self.timings.<field>``."""
+        compile_before = self.timings.compile_s
+        _ACTIVE.append(self.timings)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _ACTIVE.pop()
+            spent = time.perf_counter() - t0 - (self.timings.compile_s - compile_before)
+            setattr(self.timings, field, getattr(self.timings, field) + spent)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Device functions
-
-    def _model_fn(self, params, x3, t3, text3, image3):
-        """``model_fn`` of samplers.guided_step: rows ``3b+k`` are sample b's (uncond, image, full) branch."""
-        if self.mode == "dreamvideo":
-            return self.model.apply({"params": params}, x3, t3, text3, image3)
-        n = x3.shape[0] // 3
-        # No image branch: the image-only row equals the unconditional one, so run rows 3b and 3b+2 only.
-        pick = lambda a: a.reshape((n, 3) + a.shape[1:])[:, ::2].reshape((2 * n,) + a.shape[1:])  # noqa: E731
-        out = self.model.apply({"params": params}, pick(x3), pick(t3), pick(text3), method="unet_only")
-        out = out.reshape((n, 2) + out.shape[1:])
-        return jnp.stack([out[:, 0], out[:, 0], out[:, 1]], axis=1).reshape(x3.shape)
+    # Device work
 
     def _tokenizer_obj(self):
         if self._tokenizer is None:
-            from dreamvideo_jax.data import tokenizer as tok
-
             path = self.options.tokenizer or self._tokenizer_dir
-            self._tokenizer = tok.load_tokenizer(path) if path else tok.clip_tokenizer()
+            self._tokenizer = tokenizer_lib.load_tokenizer(path) if path else tokenizer_lib.clip_tokenizer()
         return self._tokenizer
 
-    def _tokens(self, prompts: list[str]) -> np.ndarray:
-        from dreamvideo_jax.data import tokenizer as tok
-
+    def tokens(self, prompts: list[str]) -> np.ndarray:
+        """Token ids `(B, L)` of `prompts` with the system's padding (a warning names prompts that are cut)."""
         tokenizer = self._tokenizer_obj()
-        for i, p in enumerate(dict.fromkeys(prompts)):
-            n = tok.num_tokens(tokenizer, p)
-            if n > self.context_length:
+        length = self.system.context_length
+        for p in dict.fromkeys(prompts):
+            n = tokenizer_lib.num_tokens(tokenizer, p)
+            if n > length:
                 log.warning("prompt %r is %d tokens long; truncated to the text encoder's %d", p[:80] +
-                            ("..." if len(p) > 80 else ""), n, self.context_length)
-        return tok.tokenize(tokenizer, prompts, self.context_length, self.pad_id)
+                            ("..." if len(p) > 80 else ""), n, length)
+        return tokenizer_lib.tokenize(tokenizer, prompts, length, self.system.pad_id)
 
     def _encode_text(self, mesh: Mesh, params: dict, prompts: list[str],
                      negative: str = "") -> tuple[jax.Array, jax.Array]:
-        ids = jax.device_put(self._tokens(prompts), self._batch_sharding(mesh, 2))
-        enc = lambda p, i: self.text_encoder.apply({"params": p} if p else {}, i).astype(jnp.float32)  # noqa: E731
-        exe = self._executable("text_encoder", enc, (params["text"], ids), (),
-                               out_shardings=self._batch_sharding(mesh, 3))
-        context = exe(params["text"], ids)
+        bs = self._batch_sharding(mesh)
+        text_params = params["params"]["text_encoder"]
+        ids = jax.device_put(self.tokens(prompts), bs)
+        context = encode_text(self.system, text_params, ids, out_sharding=bs)
         key = (self._mesh_key(mesh), len(prompts), negative)
         if key not in self._null:
             if len(self._null) > 16:
                 self._null.clear()
-            null_ids = jax.device_put(self._tokens([negative] * len(prompts)), self._batch_sharding(mesh, 2))
-            null = exe(params["text"], null_ids)
+            null_ids = jax.device_put(self.tokens([negative] * len(prompts)), bs)
+            null = encode_text(self.system, text_params, null_ids, out_sharding=bs)
             self._null[key] = jax.device_put(null[0], NamedSharding(mesh, P()))
         return context, self._null[key]
-
-    def _prepare(self, mesh, params, req: _Request, stage: int):
-        b, f, c = req.padded, req.num_frames, self.latent_channels
-        h, w = req.height // self.factor, req.width // self.factor
-        need_latent = req.replace or (self.mode == "dreamvideo" and self.image_input == "latent")
-        mode, image_input, vae = self.mode, self.image_input, self.vae
-
-        def prepare(vae_params, seeds, stage, images_u8):
-            keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stage))(seeds)
-            x_t = samplers.initial_noise(keys, (b, f, h, w, c))
-            images = images_u8.astype(jnp.float32) / 127.5 - 1.0
-            if need_latent:
-                latent = vae.apply({"params": vae_params} if vae_params else {}, images, None, method="latents")
-                latent = latent.astype(jnp.float32)
-            else:
-                latent = jnp.zeros((b, h, w, c), jnp.float32)
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _REPLACEMENT_NOISE_SALT),
-                                                         (h, w, c), jnp.float32))(keys)
-            if mode == "t2v":
-                model_image = jnp.zeros((b, 1), jnp.float32)
-            elif image_input == "latent":
-                model_image = latent
-            else:
-                model_image = images
-            return x_t, keys, model_image, latent, noise
-
-        bs = lambda nd: self._batch_sharding(mesh, nd)  # noqa: E731
-        seeds = jax.device_put(np.asarray(req.seeds, np.uint32), bs(1))
-        images = jax.device_put(req.images, bs(4))
-        stage_arr = jax.device_put(np.int32(stage), NamedSharding(mesh, P()))
-        args = (params["vae"], seeds, stage_arr, images)
-        model_image_nd = 2 if self.mode == "t2v" else 4
-        exe = self._executable("prepare", prepare, args, (b, f, h, w, c, need_latent),
-                               out_shardings=(bs(5), bs(1), bs(model_image_nd), bs(4), bs(4)))
-        return exe(*args)
-
-    def _step_fn(self, sampler: str, loop: str):
-        set_one = bool(self.options.set_alpha_to_one)
-        ptype = self.prediction_type
-        model_fn = self._model_fn
-
-        def step(params, schedule, state, row, cond, knobs, ref: _Reference):
-            x = state.x
-            # First-frame replacement: frame 0 := the reference latent noised to the current level.
-            t = jnp.broadcast_to(row[1], (x.shape[0],))
-            noised = schedules.add_noise(schedule, ref.latent, ref.noise, t)
-            frame0 = jnp.where(ref.mask[:, None, None, None], noised, x[:, 0])
-            x = x.at[:, 0].set(frame0)
-            model = jax.tree_util.Partial(model_fn, params)
-            new = samplers.guided_step(model, schedule, samplers.SamplerState(x, state.x0), row, cond, knobs,
-                                       sampler=sampler, prediction_type=ptype, set_alpha_to_one=set_one)
-            final = (row[2] < 0) & ref.mask  # after the last step frame 0 is the clean reference latent
-            frame0 = jnp.where(final[:, None, None, None], ref.latent, new.x[:, 0])
-            return samplers.SamplerState(new.x.at[:, 0].set(frame0), new.x0)
-
-        if loop == "python":
-            return step
-
-        def scan(params, schedule, state, rows, cond, knobs, ref):
-            body = lambda s, r: (step(params, schedule, s, r, cond, knobs, ref), None)  # noqa: E731
-            return jax.lax.scan(body, state, rows)[0]
-
-        return scan
 
     def _sample(self, req: _Request, stage: int, progress: bool) -> jax.Array:
         """The padded latents of one request, on device."""
         mesh, _ = self._mesh_for(req.batch)
         params = self._placed_params(mesh)
-        bs = lambda nd: self._batch_sharding(mesh, nd)  # noqa: E731
+        bs = self._batch_sharding(mesh)
         rep = NamedSharding(mesh, P())
+        system = self.system
 
-        t0 = time.perf_counter()
-        context, null = self._encode_text(mesh, params, req.prompts, req.negative_prompt)
-        jax.block_until_ready(context)
-        self.timings.text_s += time.perf_counter() - t0 - self._last_compile_s
+        with self._timed("text_s"):
+            context, null = self._encode_text(mesh, params, req.prompts, req.negative_prompt)
+            jax.block_until_ready(context)
 
-        t0 = time.perf_counter()
-        x_t, keys, model_image, latent, noise = self._prepare(mesh, params, req, stage)
-        jax.block_until_ready(x_t)
-        self.timings.prepare_s += time.perf_counter() - t0 - self._last_compile_s
+        with self._timed("prepare_s"):
+            h, w = req.height // self.factor, req.width // self.factor
+            shape = (req.padded, req.num_frames, h, w, system.latent_channels)
+            need_latent = req.replace or (self.mode == "dreamvideo" and system.image_input == "latent")
+            x_t, model_image, latent, noise, keys = prepare(
+                system, params["params"]["vae"], jax.device_put(np.asarray(req.seeds, np.uint32), bs),
+                jax.device_put(np.int32(stage), rep), jax.device_put(req.images, bs), shape=shape,
+                need_latent=need_latent, out_sharding=bs)
+            jax.block_until_ready(x_t)
 
         cond = samplers.Conditioning(context, null, model_image)
-        knobs = samplers.Knobs(jax.device_put(req.image_scale, bs(1)), jax.device_put(req.text_scale, bs(1)),
+        knobs = samplers.Knobs(jax.device_put(req.image_scale, bs), jax.device_put(req.text_scale, bs),
                                jax.device_put(np.float32(req.eta), rep), keys)
-        ref = _Reference(latent, noise, jax.device_put(np.full((req.padded,), req.replace), bs(1)))
-        state = samplers.SamplerState(x_t, jax.device_put(np.zeros(x_t.shape, np.float32), bs(5)))
+        ref = samplers.Reference(latent, noise, jax.device_put(np.full((req.padded,), req.replace), bs))
+        state = samplers.SamplerState(x_t, jax.device_put(np.zeros(x_t.shape, np.float32), bs))
         o = self.options
         make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
         timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
         rows = samplers.sampling_plan(timesteps, bool(o.set_alpha_to_one)).rows()
-        state_sharding = samplers.SamplerState(bs(5), bs(5))
-        loop = o.loop
+        model = jax.tree_util.Partial(GuidedModel(system), system.model_params(params["params"]))
+        static = dict(sampler=req.sampler, prediction_type=self.prediction_type,
+                      set_alpha_to_one=bool(o.set_alpha_to_one))
+        schedule = params["schedule"]
 
-        if loop == "scan":
-            rows_dev = jax.device_put(rows, rep)
-            args = (params["model"], params["schedule"], state, rows_dev, cond, knobs, ref)
-            exe = self._executable("denoise_scan", self._step_fn(req.sampler, "scan"), args,
-                                   (req.sampler, bool(o.set_alpha_to_one), "scan"), out_shardings=state_sharding)
-            t0 = time.perf_counter()
-            state = exe(*args)
-            jax.block_until_ready(state.x)
-        else:
-            row_list = [jax.device_put(r, rep) for r in rows]
-            args = (params["model"], params["schedule"], state, row_list[0], cond, knobs, ref)
-            exe = self._executable("denoise_step", self._step_fn(req.sampler, "python"), args,
-                                   (req.sampler, bool(o.set_alpha_to_one), "python"), out_shardings=state_sharding)
-            bar = None
-            if progress:
-                from tqdm import tqdm
+        row_list = [jax.device_put(rows, rep)] if o.loop == "scan" else [jax.device_put(r, rep) for r in rows]
+        with self._timed("sample_s"):
+            if o.loop == "scan":
+                state = samplers.guided_scan(model, schedule, state, row_list[0], cond, knobs, ref, **static)
+                jax.block_until_ready(state.x)
+            else:
+                bar = None
+                if progress:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=len(row_list), desc=f"stage {stage + 1}" if stage else "sampling", unit="step",
-                           leave=False, dynamic_ncols=True)
-            t0 = time.perf_counter()
-            prev = None
-            for row in row_list:
-                state = exe(params["model"], params["schedule"], state, row, cond, knobs, ref)
-                if prev is not None:  # keep one step queued; the bar tracks finished steps
-                    jax.block_until_ready(prev)
-                    if bar is not None:
-                        bar.update(1)
-                prev = state.x
-            jax.block_until_ready(state.x)
-            if bar is not None:
-                bar.update(1)
-                bar.close()
-        self.timings.sample_s += time.perf_counter() - t0
+                    bar = tqdm(total=len(rows), desc=f"stage {stage + 1}" if stage else "sampling", unit="step",
+                               leave=False, dynamic_ncols=True)
+                prev = None
+                for row in row_list:
+                    state = samplers.guided_step(model, schedule, state, row, cond, knobs, ref, **static)
+                    if prev is not None:  # keep one step queued; the bar tracks finished steps
+                        jax.block_until_ready(prev)
+                        if bar is not None:
+                            bar.update(1)
+                    prev = state.x
+                jax.block_until_ready(state.x)
+                if bar is not None:
+                    bar.update(1)
+                    bar.close()
         self.timings.steps += len(rows)
         return state.x
 
     def _decode(self, mesh: Mesh, latents: jax.Array) -> jax.Array:
-        b, f = latents.shape[:2]
-        chunk = int(self.options.decode_chunk_size) or f
-        chunk = min(chunk, f)
-        n = -(-f // chunk)
-        vae = self.vae
-
-        def decode(vae_params, z):
-            variables = {"params": vae_params} if vae_params else {}
-            zp = jnp.pad(z, ((0, 0), (0, n * chunk - f)) + ((0, 0),) * (z.ndim - 2))
-            zc = jnp.moveaxis(zp.reshape((b, n, chunk) + z.shape[2:]), 1, 0)  # (n, B, chunk, h, w, C)
-
-            def one(zz):  # all samples' frames of one chunk; samples stay on their devices
-                frames = vae.apply(variables, zz.reshape((b * chunk,) + z.shape[2:]), method="decode")
-                return _to_uint8(frames).reshape((b, chunk) + frames.shape[1:])
-
-            out = jax.lax.map(one, zc)  # (n, B, chunk, H, W, 3)
-            return jnp.moveaxis(out, 0, 1).reshape((b, n * chunk) + out.shape[3:])[:, :f]
-
+        f = latents.shape[1]
+        chunk = min(int(self.options.decode_chunk_size) or f, f)
         params = self._placed_params(mesh)
-        args = (params["vae"], latents)
-        exe = self._executable("decode", decode, args, (chunk,), out_shardings=self._batch_sharding(mesh, 5))
-        return exe(*args)
+        return decode(self.system, params["params"]["vae"], latents, chunk=chunk,
+                      out_sharding=self._batch_sharding(mesh))

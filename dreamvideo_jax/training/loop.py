@@ -1,5 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training loop behind `python -m dreamvideo_jax.train`.
 
+Evaluation: with `train.eval_every > 0` the loss on the first `train.eval_batches` batches of `data.eval_split`
+(EMA weights, the same noise every time; `Evaluator`) is logged as `eval_loss` every `train.eval_every` steps and
+at the last step.
+
 Start-up order: this workdir's latest checkpoint -> `config.resume` (another workdir or one of its
 checkpoints) -> `config.init_from` (a base checkpoint of converted weights, or a training workdir) -> random
 init. A checkpoint that cannot be read is an error naming it (or, with `train.corrupt_checkpoint='fallback'`,
@@ -24,22 +28,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from dreamvideo_jax import checkpoints, config_io
+from dreamvideo_jax import system as system_lib
+from dreamvideo_jax.checkpoints.base import sync_processes
+from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, InputError, WorkdirError, one_line
 from dreamvideo_jax.parallel.sharding import to_host
-from dreamvideo_jax.training import checkpoint as ck
-from dreamvideo_jax.training import config as tc
-from dreamvideo_jax.training import metrics as mt
-from dreamvideo_jax.training import state as st
+from dreamvideo_jax.training import metric_log
 from dreamvideo_jax.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class WorkdirError(RuntimeError):
-    """The workdir cannot be created or written."""
-
-
-class IncompatibleConfigError(ValueError):
-    """The config's architecture differs from the one a checkpoint was written with."""
 
 
 @dataclasses.dataclass
@@ -116,26 +113,21 @@ def prepare_workdir(workdir: str) -> epath.Path:
             probe.write_text("ok")
             probe.unlink()
     except Exception as e:  # noqa: BLE001 - turned into one readable error
-        raise WorkdirError(f"workdir {workdir} is not writable: {ck._one_line(e)}") from e
-    ck._sync("prepare_workdir")
+        raise WorkdirError(f"workdir {workdir} is not writable: {one_line(e)}") from e
+    sync_processes("prepare_workdir")
     return path
 
 
 def _check_compatible(stored: Any, config, what: str) -> None:
-    diffs = tc.architecture_diff(tc.to_dict(stored), config)
+    diffs = system_lib.architecture_diff(config_io.to_dict(stored), config)
     if diffs:
         raise IncompatibleConfigError(
             f"{what} was written with a different architecture; differing keys: " + "; ".join(diffs[:12])
             + (f" (+{len(diffs) - 12} more)" if len(diffs) > 12 else ""))
 
 
-def _write_config(workdir: epath.Path, config) -> None:
-    if jax.process_index() == 0:
-        (workdir / ck.CONFIG_FILE).write_text(tc.to_json(config))
-
-
 def _log_config_changes(stored, config) -> None:
-    changes = tc.diff(tc.to_dict(stored), tc.to_dict(config))
+    changes = config_io.diff(config_io.to_dict(stored), config_io.to_dict(config))
     if changes:
         log.info("config changes since the last run: %s", "; ".join(changes[:20]))
 
@@ -145,85 +137,75 @@ def _log_config_changes(stored, config) -> None:
 
 
 def _base_target(tr: Trainer, keys=None) -> dict:
+    """Abstract (sharded) targets of the layout's non-empty groups, or of `keys` among them."""
     a = tr.abstract_all()
-    tree = dict(a["model"])
-    for k in ck.NON_MODEL_KEYS:
-        if jax.tree.leaves(a[k]):
-            tree[k] = a[k]
-    return {k: v for k, v in tree.items() if keys is None or k in keys}
+    return {k: v for k, v in a.items() if jax.tree.leaves(v) and (keys is None or k in keys)}
 
 
-def _params_from_base_dict(tr: Trainer, base: dict, fallback: dict | None = None) -> dict:
-    """All params {'model', 'text_encoder', 'vae'} from a base dict; groups the model lacks (e.g. the retention
-    branch when the base came from a t2v run) are ignored, groups the base lacks come from `fallback`."""
-    model, rest = ck.split_base(base)
-    groups = set(tr.abstract_params["model"])
-    out = {"model": {**(fallback["model"] if fallback else {}), **{k: v for k, v in model.items() if k in groups}}}
-    for k in ck.NON_MODEL_KEYS:
-        out[k] = rest[k] if jax.tree.leaves(rest[k]) or fallback is None else fallback[k]
+def _params_from_base(tr: Trainer, base: dict, fallback: dict | None = None) -> dict:
+    """All params from a base dict; groups the model lacks (e.g. the retention branch when the base came from a
+    t2v run) are ignored, groups the base lacks come from `fallback`."""
+    out = {}
+    for k in tr.system.groups:
+        if k in base and (jax.tree.leaves(base[k]) or fallback is None):
+            out[k] = base[k]
+        else:
+            out[k] = fallback[k] if fallback is not None else {}
     return out
 
 
-def _check_model_config(stored: ml_collections.ConfigDict, config, what: str, source_has_branch: bool = True) -> None:
-    fake = {"model": stored.to_dict(), "train": tc.to_dict(config.train)}
+def check_source_model(stored: ml_collections.ConfigDict, config, what: str, source_has_branch: bool = True) -> None:
+    fake = {"model": stored.to_dict(), "train": config_io.to_dict(config.train)}
     if not source_has_branch and "retention" in config.model:
         # A source without retention parameters (t2v run, converted base): its branch settings cannot conflict.
-        fake["model"]["retention"] = tc.to_dict(config.model.retention)
+        fake["model"]["retention"] = config_io.to_dict(config.model.retention)
     _check_compatible(fake, config, what)
 
 
 def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
     """All params for a fresh run from `config.init_from` (base checkpoint or training workdir)."""
     config = tr.config
-    if not (ck.is_base(path) or ck.is_workdir(path)):
-        raise ck.CheckpointError(f"init_from {path} is neither a base checkpoint ({ck.BASE_MODEL_CONFIG}) nor a "
-                                 f"training workdir ({ck.CONFIG_FILE} and {ck.BASE_DIR}/)")
+    try:
+        loc = checkpoints.locate(path, "config.init_from")
+    except InputError:
+        raise CheckpointError(f"init_from {path} is neither a base checkpoint ({checkpoints.base.BASE_MODEL_CONFIG}) "
+                              f"nor a training workdir ({checkpoints.CONFIG_FILE} and {checkpoints.BASE_DIR}/)") from None
     params = tr.init_params(key)
-    src_has_branch = False
-    if ck.is_workdir(path):
-        base_path = os.fspath(epath.Path(path) / ck.BASE_DIR)
-        stored = set(ck.base_shapes(base_path))
-        _check_model_config(ck.read_workdir_config(path).model, config, f"init_from workdir {path}",
+    if loc.kind == "workdir":
+        root = loc.root
+        base_path = os.fspath(epath.Path(root) / checkpoints.BASE_DIR)
+        stored = set(checkpoints.base_shapes(base_path))
+        check_source_model(checkpoints.read_workdir_config(root).model, config, f"init_from workdir {root}",
                             source_has_branch="retention" in stored)
         want = set(_base_target(tr)) & stored
-        base, _ = ck.load_base(base_path, target=_base_target(tr, want))
-        model, _ = ck.split_base(base)
+        base, _ = checkpoints.load_base(base_path, target=_base_target(tr, want))
         try:
-            trainable, step = ck.load_trainable(path, None, bool(config.train.init_from_ema))
-            flat = st.flatten(model)
-            shardings = st.flatten(tr.param_shardings["model"])
-            for k, v in st.flatten(trainable).items():
-                if k.split(st.SEP)[0] in model and k in shardings:
+            trainable, step = checkpoints.load_trainable(root, loc.step, bool(config.train.init_from_ema))
+            flat = system_lib.flatten(base)
+            shardings = system_lib.flatten(tr.param_shardings)
+            for k, v in system_lib.flatten(trainable).items():
+                if k.split(system_lib.SEP)[0] in base and k in shardings:
                     flat[k] = tr.put(v, shardings[k])
-            model = st.unflatten(flat)
-            base = {**base, **model}
-            log.info("init_from %s: checkpoint step %d (%s) over its base", path, step,
+            base = {**base, **system_lib.unflatten(flat)}
+            log.info("init_from %s: checkpoint step %d (%s) over its base", root, step,
                      "EMA" if config.train.init_from_ema else "params")
-        except ck.CheckpointError as e:
-            log.warning("init_from %s: %s; using its initial weights (base)", path, e)
-        src_has_branch = "retention" in base
+        except CheckpointError as e:
+            log.warning("init_from %s: %s; using its initial weights (base)", root, e)
     else:
-        stored = set(ck.base_shapes(path))
-        _check_model_config(ck.read_model_config(path), config, f"init_from base {path}",
+        stored = set(checkpoints.base_shapes(path))
+        check_source_model(checkpoints.read_model_config(path), config, f"init_from base {path}",
                             source_has_branch="retention" in stored)
         want = set(_base_target(tr)) & stored
-        base, _ = ck.load_base(path, target=_base_target(tr, want))
-        src_has_branch = "retention" in base
+        base, _ = checkpoints.load_base(path, target=_base_target(tr, want))
         log.info("init_from base %s: loaded %s", path, sorted(base))
+    src_has_branch = "retention" in base
     if "unet" not in base:
-        raise ck.CheckpointError(f"init_from {path} holds no 'unet' parameters")
-    params = _params_from_base_dict(tr, base, params)
+        raise CheckpointError(f"init_from {path} holds no 'unet' parameters")
+    params = _params_from_base(tr, base, params)
     if tr.mode == "dreamvideo" and not src_has_branch:
-        params["model"] = tr.copy_retention_from_unet(params["model"])
+        params = tr.copy_retention_from_unet(params)
         log.info("retention branch initialised from the loaded primary U-Net")
     return params
-
-
-def _parse_resume(path: str) -> tuple[str, int | None]:
-    p = epath.Path(path)
-    if p.name.isdigit() and p.parent.name == ck.CHECKPOINT_DIR:
-        return os.fspath(p.parent.parent), int(p.name)
-    return path, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +224,47 @@ def _data_iterator(config, state_to_restore):
     if state_to_restore is not None:
         it.set_state(state_to_restore)
     return it
+
+
+class Evaluator:
+    """The evaluation of `train.eval_every`: the loss of `make_eval_step` over the first `train.eval_batches`
+    batches of `data.eval_split`, with the EMA weights and a fixed key per batch (the same noise every time).
+    The split is opened when this is built, so a missing split fails at start-up, not hours into a run."""
+
+    def __init__(self, tr: Trainer, config):
+        from dreamvideo_jax.data import pipeline
+
+        self.tr, self.config = tr, config
+        self.num_batches = int(config.train.eval_batches)
+        self.batch_size = int(config.train.batch_size)
+        try:
+            self.source = pipeline.open_source(config.data, config.data.get("eval_split", "validation"))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"train.eval_every={config.train.eval_every} needs data.eval_split="
+                             f"{config.data.get('eval_split')!r}: {e}") from None
+        base = jax.random.fold_in(jax.random.key(int(config.seed)), 0xE7A1)
+        self.keys = [jax.random.fold_in(base, i) for i in range(self.num_batches)]
+
+    def __call__(self, state, frozen) -> dict:
+        from dreamvideo_jax.data import pipeline
+
+        it = pipeline.make_eval_iterator(
+            self.config.data, batch_size=self.batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_examples=self.num_batches * self.batch_size,
+            with_captions=False, with_metadata=False, source=self.source)
+        total = count = 0.0
+        t0 = time.perf_counter()
+        try:
+            for i, local in zip(range(self.num_batches), it):
+                batch = self.tr.global_batch(local)
+                mask = self.tr.global_batch({"mask": np.asarray(local["mask"])})["mask"]
+                out = to_host(self.tr.eval_step(state.ema, frozen, batch, mask, self.keys[i]))
+                total += float(out["loss_sum"])
+                count += float(out["count"])
+        finally:
+            _close(it)
+        return {"eval_loss": total / max(count, 1.0), "eval_examples": count,
+                "eval_seconds": time.perf_counter() - t0}
 
 
 def _close(x) -> None:
@@ -265,8 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     Raises:
       WorkdirError, IncompatibleConfigError, CheckpointError, NonFiniteLossError, ValueError (bad config).
     """
-    config = ml_collections.ConfigDict(tc.to_dict(config))
-    tc.check_config(config)
+    config = ml_collections.ConfigDict(config_io.to_dict(config))
     # Listen for SIGTERM from the start: a notice during start-up stops the run after its first step's checkpoint.
     watcher = PreemptionWatcher()
     try:
@@ -277,30 +299,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
 
 def _train(config, workdir: str, data_iterator, watcher: PreemptionWatcher) -> TrainResult:
     t = config.train
+    tr = Trainer(config)  # checks the config before anything is written
     wd = prepare_workdir(workdir)
-    stored_config = ck.read_workdir_config(os.fspath(wd))
+    stored_config = checkpoints.read_workdir_config(os.fspath(wd))
     if stored_config is not None:
         _check_compatible(stored_config, config, f"workdir {workdir}")
         _log_config_changes(stored_config, config)
-
-    tr = Trainer(config)
     log.info("mesh %s over %d devices (%d processes); %d trainable parameter arrays", dict(tr.mesh.shape),
-             tr.mesh.size, jax.process_count(), len(tr.comps.trainable_paths))
-    ckpt = ck.Checkpointer(ck.checkpoint_dir(os.fspath(wd)), keep=int(t.keep_checkpoints),
-                           keep_every=int(t.keep_every), use_async=bool(t.async_checkpointing))
+             tr.mesh.size, jax.process_count(), len(tr.system.trainable_paths))
+    ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(os.fspath(wd)), keep=int(t.keep_checkpoints),
+                                    keep_every=int(t.keep_every), use_async=bool(t.async_checkpointing))
     data_it = None
     writer = None
     try:
-        state, frozen, data_state, source = _start(tr, config, wd, ckpt)
-        _write_config(wd, config)
+        state, frozen, data_state, source = start_state(tr, config, wd, ckpt)
+        checkpoints.write_workdir_config(os.fspath(wd), config)
         start_step = int(to_host(state.step))
         log.info("starting at step %d (%s)", start_step, source)
 
         data_it = data_iterator if data_iterator is not None else _data_iterator(config, None)
         if data_state is not None:
             data_it.set_state(data_state)
-        writer = mt.MetricWriter(os.fspath(wd), resume_step=start_step)
-        result = _run(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step)
+        writer = metric_log.MetricWriter(os.fspath(wd), resume_step=start_step)
+        evaluator = Evaluator(tr, config) if int(t.get("eval_every", 0)) > 0 else None
+        result = run_steps(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step, evaluator)
         result.source = source
         return result
     finally:
@@ -311,45 +333,50 @@ def _train(config, workdir: str, data_iterator, watcher: PreemptionWatcher) -> T
         ckpt.close()
 
 
-def _start(tr: Trainer, config, wd: epath.Path, ckpt: ck.Checkpointer):
+def start_state(tr: Trainer, config, wd: epath.Path, ckpt: checkpoints.Checkpointer):
     """(state, frozen, data_state, source) following the resume order."""
     t = config.train
-    base_dir = wd / ck.BASE_DIR
+    base_dir = wd / checkpoints.BASE_DIR
     key = jax.random.key(int(config.seed))
     # 1. This workdir.
     if ckpt.all_steps():
-        if not ck.is_base(os.fspath(base_dir)):
-            raise ck.CheckpointError(f"workdir {wd} has checkpoints but no {base_dir} (frozen weights)")
-        base, _ = ck.load_base(os.fspath(base_dir), target=_base_target(tr))
+        if not checkpoints.is_base(os.fspath(base_dir)):
+            raise CheckpointError(f"workdir {wd} has checkpoints but no {base_dir} (frozen weights)")
+        base, _ = checkpoints.load_base(os.fspath(base_dir), target=_base_target(tr))
         restored = ckpt.restore_latest(tr.abstract_state, on_corrupt=t.corrupt_checkpoint)
         if restored is not None:
-            params = _params_from_base_dict(tr, base)
+            params = _params_from_base(tr, base)
             _, frozen = tr.split(params)
             log.info("resuming from %s", restored.path)
             return restored.state, frozen, restored.data_state, "workdir"
         log.error("no restorable checkpoint left in %s; continuing with the next start option", ckpt.directory)
     # 2. config.resume.
     if config.get("resume"):
-        src, step = _parse_resume(config.resume)
-        if not ck.is_workdir(src):
-            raise ck.CheckpointError(f"resume {config.resume}: {src} is not a training workdir")
-        _check_compatible(ck.read_workdir_config(src), config, f"resume workdir {src}")
-        base, _ = ck.load_base(os.fspath(epath.Path(src) / ck.BASE_DIR), target=_base_target(tr))
-        src_ckpt = ck.Checkpointer(ck.checkpoint_dir(src), read_only=True, use_async=False)
+        try:
+            loc = checkpoints.locate(config.resume, "config.resume")
+        except InputError as e:
+            raise CheckpointError(f"resume {config.resume}: not a training workdir ({e})") from None
+        if loc.kind != "workdir":
+            raise CheckpointError(f"resume {config.resume}: a base checkpoint, not a training workdir (use "
+                                  "config.init_from for a base)")
+        src, step = loc.root, loc.step
+        _check_compatible(checkpoints.read_workdir_config(src), config, f"resume workdir {src}")
+        base, _ = checkpoints.load_base(os.fspath(epath.Path(src) / checkpoints.BASE_DIR), target=_base_target(tr))
+        src_ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(src), read_only=True, use_async=False)
         try:
             if step is None:
                 restored = src_ckpt.restore_latest(tr.abstract_state, on_corrupt=t.corrupt_checkpoint)
                 if restored is None:
-                    raise ck.CheckpointError(f"resume {config.resume}: no checkpoint in {src_ckpt.directory}")
+                    raise CheckpointError(f"resume {config.resume}: no checkpoint in {src_ckpt.directory}")
             else:
                 try:
                     restored = src_ckpt.restore(step, tr.abstract_state)
                 except Exception as e:  # noqa: BLE001
-                    raise ck.CheckpointError(f"resume checkpoint {config.resume} cannot be restored: "
-                                             f"{ck._one_line(e)}") from e
+                    raise CheckpointError(f"resume checkpoint {config.resume} cannot be restored: "
+                                          f"{one_line(e)}") from e
         finally:
             src_ckpt.close()
-        params = _params_from_base_dict(tr, base)
+        params = _params_from_base(tr, base)
         _write_base(tr, base_dir, params, config)
         _, frozen = tr.split(params)
         log.info("resuming from %s", restored.path)
@@ -368,33 +395,32 @@ def _start(tr: Trainer, config, wd: epath.Path, ckpt: ck.Checkpointer):
 
 
 def _write_base(tr: Trainer, base_dir: epath.Path, params: dict, config) -> None:
-    tree = dict(params["model"])
-    for k in ck.NON_MODEL_KEYS:
-        if jax.tree.leaves(params[k]):
-            tree[k] = params[k]
-    if ck.is_base(os.fspath(base_dir)) and (base_dir / ck.BASE_PARAMS).exists():
-        have = ck.base_shapes(os.fspath(base_dir))
+    tree = {k: v for k, v in params.items() if jax.tree.leaves(v)}
+    if checkpoints.is_base(os.fspath(base_dir)) and (base_dir / checkpoints.base.BASE_PARAMS).exists():
+        have = checkpoints.base_shapes(os.fspath(base_dir))
         want = jax.tree.map(lambda a: tuple(a.shape), tree)
-        diffs = ck._shape_diffs(have, want)
+        diffs = system_lib.shape_diffs(have, want)
         if not diffs:
             log.info("base weights already in %s", base_dir)
             return
-        raise ck.CheckpointError(f"{base_dir} holds weights of another model ({'; '.join(diffs[:5])}); "
-                                 f"use a new workdir")
-    if (base_dir / ck.BASE_PARAMS).exists() and jax.process_index() == 0:
-        (base_dir / ck.BASE_PARAMS).rmtree()  # an interrupted earlier write (no model_config.json)
-    ck._sync("base_cleanup")
-    ck.save_base(os.fspath(base_dir), tree, config.model)
+        raise CheckpointError(f"{base_dir} holds weights of another model ({'; '.join(diffs[:5])}); "
+                              f"use a new workdir")
+    if (base_dir / checkpoints.base.BASE_PARAMS).exists() and jax.process_index() == 0:
+        (base_dir / checkpoints.base.BASE_PARAMS).rmtree()  # an interrupted earlier write (no model_config.json)
+    sync_processes("base_cleanup")
+    checkpoints.save_base(os.fspath(base_dir), tree, config.model)
     log.info("wrote base weights to %s", base_dir)
 
 
-def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, writer: mt.MetricWriter,
-         watcher: PreemptionWatcher, start_step: int) -> TrainResult:
+def run_steps(tr: Trainer, config, state, frozen, data_it, ckpt: checkpoints.Checkpointer,
+         writer: metric_log.MetricWriter,
+         watcher: PreemptionWatcher, start_step: int, evaluator: Evaluator | None = None) -> TrainResult:
     t = config.train
+    eval_every = int(t.get("eval_every", 0))
     num_steps, every, log_every = int(t.num_steps), int(t.checkpoint_every), max(1, int(t.log_every))
     batch_size = int(t.batch_size)
-    acc = mt.Accumulator(int(t.timestep_buckets), tr.comps.schedule.num_train_timesteps)
-    progress = mt.Progress(bool(t.progress_bar), num_steps, start_step)
+    acc = metric_log.Accumulator(int(t.timestep_buckets), tr.system.schedule.num_train_timesteps)
+    progress = metric_log.Progress(bool(t.progress_bar), num_steps, start_step)
     step = start_step
     pending: tuple[int, Any] | None = None
     last_metrics: dict = {}
@@ -407,7 +433,7 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
         m = to_host(m)
         if not bool(m["finite"]):
             if t.nonfinite == "stop":
-                raise mt.NonFiniteLossError(
+                raise metric_log.NonFiniteLossError(
                     f"non-finite loss or gradients at step {s} (loss={float(m['loss'])}, grad_norm="
                     f"{float(m['grad_norm'])}); the last checkpoint is unaffected. Lower train.learning_rate, or set "
                     f"train.nonfinite=skip to drop such updates")
@@ -438,7 +464,7 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
             local = next(data_it)
             data_seconds += time.perf_counter() - t0
             batch = tr.global_batch(local)
-            if tr._compiled is None:
+            if not tr.compiled:
                 secs = tr.compile(state, frozen, batch)
                 log.info("compiled the train step in %.1f s (tracing and lowering %.1f s)", secs, tr.lower_seconds)
                 t_log = time.perf_counter()
@@ -455,6 +481,11 @@ def _run(tr: Trainer, config, state, frozen, data_it, ckpt: ck.Checkpointer, wri
                 check(pending)
                 pending = None
                 last_metrics = log_metrics()
+            if evaluator is not None and (step % eval_every == 0 or step == num_steps):
+                ev = evaluator(state, frozen)
+                writer.write(step, ev)
+                log.info("step %d: eval_loss %.5f over %d clips (%.1f s)", step, ev["eval_loss"],
+                         int(ev["eval_examples"]), ev["eval_seconds"])
             # Asked after the sync above, so a signal that came in during the step stops the run at this step.
             stop = watcher.reached(step)
             if step % every == 0 or step == num_steps or stop:

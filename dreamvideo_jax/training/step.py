@@ -1,6 +1,6 @@
 """The training step: frozen encoders, noising, condition dropout, loss, grads for the trainable subset, AdamW, EMA.
 
-`make_train_step(comps, tx, lr_fn)` returns a pure function `(state, frozen, batch) -> (state, metrics)`; the
+`make_train_step(system, tx, lr_fn)` returns a pure function `(state, frozen, batch) -> (state, metrics)`; the
 loop jits it with explicit shardings and donates `state`. Randomness of step `s` is `fold_in(key, s)`, so a
 resumed run draws exactly the noise, timesteps and dropout masks the uninterrupted run would have drawn.
 
@@ -21,15 +21,11 @@ import jax.numpy as jnp
 import optax
 
 from dreamvideo_jax.diffusion import objective, schedules
-from dreamvideo_jax.models import build as mb
 from dreamvideo_jax.models.vae import encode_video
-from dreamvideo_jax.training.state import Components, TrainState, merge_model
+from dreamvideo_jax.system import System
+from dreamvideo_jax.training.state import TrainState
 
 MODEL_INPUT_KEYS = ("video", "latents", "tokens", "context", "image", "image_latent")
-
-
-def _vars(params) -> dict:
-    return {"params": params} if params else {}
 
 
 def model_inputs(batch: dict) -> dict:
@@ -37,29 +33,28 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
 
 
-def make_loss_fn(comps: Components) -> Callable:
-    t = comps.config.train
-    mode, schedule = comps.mode, comps.schedule
-    prediction_type = schedules.canonical_prediction_type(t.prediction_type)
+def make_loss_fn(system: System) -> Callable:
+    """`(trainable, frozen, batch, key) -> (loss, aux)`; `trainable` and `frozen` are `system.split` halves."""
+    t = system.config.train
+    mode, schedule = system.mode, system.schedule
+    prediction_type = system.prediction_type
     num_t = schedule.num_train_timesteps
     p_drop = float(t.condition_dropout)
-    image_input = mb.retention_config(comps.m).image_input
-    null_tokens = comps.null_tokens()
+    image_input = system.image_input
+    null_tokens = system.null_tokens()
     high_fraction, high_start = float(t.timestep_high_fraction), int(t.timestep_high_start)
-
-    def encode_text(frozen, tokens):
-        return comps.text_encoder.apply(_vars(frozen["text_encoder"]), tokens)
 
     def loss_fn(trainable, frozen, batch, key):
         k_vae, k_t, k_noise, k_drop, k_dropout = jax.random.split(key, 5)
         if "latents" in batch:
             x0 = batch["latents"].astype(jnp.float32)
         else:
-            x0 = encode_video(comps.vae, _vars(frozen["vae"]), batch["video"], k_vae if t.vae_sample else None)
+            vae = system.vae_variables(frozen)
+            x0 = encode_video(system.autoencoder, vae, batch["video"], k_vae if t.vae_sample else None)
             x0 = jax.lax.stop_gradient(x0.astype(jnp.float32))
-        context = batch["context"] if "context" in batch else encode_text(frozen, batch["tokens"])
+        context = batch["context"] if "context" in batch else system.encode_text(frozen, batch["tokens"])
         context = jax.lax.stop_gradient(context)
-        null_context = jax.lax.stop_gradient(encode_text(frozen, jnp.asarray(null_tokens)))
+        null_context = jax.lax.stop_gradient(system.encode_text(frozen, jnp.asarray(null_tokens)))
         b = x0.shape[0]
         timesteps = objective.sample_timesteps(k_t, b, num_t, high_fraction, high_start)
         noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -69,16 +64,15 @@ def make_loss_fn(comps: Components) -> Callable:
         if mode == "t2v":
             dummy = jnp.zeros((b, 1), jnp.float32)
             context, _, masks = objective.condition_dropout(k_drop, context, null_context, dummy, p_drop)
-            params = merge_model(trainable, frozen["model"])
-            pred = comps.model.apply({"params": params}, x_t, timesteps, context, train=True,
-                                     rngs={"dropout": k_dropout}, method="unet_only")
+            pred = system.predict(System.merge(trainable, frozen), x_t, timesteps, context, train=True,
+                                  rngs={"dropout": k_dropout})
             image_dropped = jnp.zeros((b,), bool)
         else:
             if image_input == "latent":
                 if "image_latent" in batch:
                     image = batch["image_latent"]
                 elif "image" in batch:
-                    image = comps.vae.apply(_vars(frozen["vae"]), batch["image"], None, method="latents")
+                    image = system.image_latent(frozen, batch["image"])
                 else:
                     image = x0[:, 0]
             else:
@@ -86,9 +80,8 @@ def make_loss_fn(comps: Components) -> Callable:
             image = jax.lax.stop_gradient(image.astype(jnp.float32))
             context, image, masks = objective.condition_dropout(k_drop, context, null_context, image, p_drop)
             image_dropped = masks.image_dropped
-            params = merge_model(trainable, frozen["model"])
-            pred = comps.model.apply({"params": params}, x_t, timesteps, context, image, train=True,
-                                     rngs={"dropout": k_dropout})
+            pred = system.predict(System.merge(trainable, frozen), x_t, timesteps, context, image, train=True,
+                                  rngs={"dropout": k_dropout})
         out = objective.diffusion_loss(pred, target, timesteps, schedule=schedule, prediction_type=prediction_type,
                                        loss_weighting=t.loss_weighting, snr_gamma=float(t.snr_gamma))
         aux = dict(timesteps=timesteps, per_sample_mse=out.per_sample_mse,
@@ -98,14 +91,29 @@ def make_loss_fn(comps: Components) -> Callable:
     return loss_fn
 
 
-def make_train_step(comps: Components, tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
+def make_eval_step(system: System) -> Callable:
+    """`(trainable, frozen, batch, mask, key) -> {'loss_sum', 'count'}`: the training loss's per-sample MSE
+    (unweighted) summed over the real rows (`mask`) of an evaluation batch; pure, to be jitted by the caller.
+    The same loss as training (noise, timesteps and condition dropout drawn from `key`), so a fixed key per
+    batch gives an evaluation curve whose points differ only by the weights."""
+    loss_fn = make_loss_fn(system)
+
+    def eval_step(trainable, frozen, batch, mask, key):
+        _, aux = loss_fn(trainable, frozen, batch, key)
+        m = mask.astype(jnp.float32)
+        return {"loss_sum": jnp.sum(aux["per_sample_mse"] * m), "count": jnp.sum(m)}
+
+    return eval_step
+
+
+def make_train_step(system: System, tx: optax.GradientTransformation, lr_fn: optax.Schedule) -> Callable:
     """`(state, frozen, batch) -> (new_state, metrics)`; pure, to be jitted by the caller."""
-    t = comps.config.train
-    loss_fn = make_loss_fn(comps)
+    t = system.config.train
+    loss_fn = make_loss_fn(system)
     ema_decay, ema_warmup = float(t.ema_decay), bool(t.ema_warmup)
     skip_nonfinite = t.nonfinite == "skip"
     n_buckets = int(t.timestep_buckets)
-    num_t = comps.schedule.num_train_timesteps
+    num_t = system.schedule.num_train_timesteps
 
     def train_step(state: TrainState, frozen: dict, batch: dict) -> tuple[TrainState, dict[str, Any]]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -1,9 +1,9 @@
-"""A config's model, mesh, shardings and compiled train step, without any I/O.
+"""A config's system on a mesh: shardings and the compiled train step, without any I/O.
 
-`Trainer` is what the loop and tests drive:
+`Trainer` is what the loop, the tools and tests drive:
 
-  tr = Trainer(config)                              # mesh from config.mesh over all devices
-  params = tr.init_params(jax.random.key(seed))     # shape-first sharded init of every parameter
+  tr = Trainer(config)                              # tr.system: the config's System; mesh from config.mesh
+  params = tr.init_params(jax.random.key(seed))     # shape-first sharded init, in the system's layout
   trainable, frozen = tr.split(params)
   state = tr.init_state(trainable)
   state, metrics = tr.train_step(state, frozen, tr.global_batch(local_numpy_batch))
@@ -18,10 +18,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dreamvideo_jax.models.retention import init_retention_from_unet
 from dreamvideo_jax.parallel import mesh as mesh_lib
-from dreamvideo_jax.parallel import sharding as sh
-from dreamvideo_jax.training import state as st
+from dreamvideo_jax.parallel import sharding
+from dreamvideo_jax.system import System
+from dreamvideo_jax.training import config as train_config
+from dreamvideo_jax.training import state as state_lib
 from dreamvideo_jax.training import step as step_lib
 
 
@@ -31,11 +32,12 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 class Trainer:
     def __init__(self, config, mesh: jax.sharding.Mesh | None = None, devices=None):
+        train_config.check_config(config)
         self.config = config
-        self.comps = st.build_components(config)
+        self.system = System(config)
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh, devices)
         self.rules = mesh_lib.rules_from_config(config.sharding)
-        divisor = mesh_lib.batch_size_divisor(self.mesh)
+        divisor = mesh_lib.batch_divisor(self.mesh)
         if int(config.train.batch_size) % divisor:
             raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the mesh's "
                              f"data x fsdp = {divisor} devices")
@@ -43,26 +45,29 @@ class Trainer:
             raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the process "
                              f"count {jax.process_count()}")
         fsdp_min = int(config.sharding.get("fsdp_min_size", 0))
-        # Boxed abstract trees -> shardings (unboxed trees).
-        self.param_shardings = sh.tree_shardings(self.comps.abstract, self.mesh, self.rules, fsdp_min)
-        self.abstract_params = sh.unbox(self.comps.abstract)
-        self.trainable_shardings, frozen_model_sh = st.split_model(self.param_shardings["model"],
-                                                                   self.comps.trainable_paths)
-        self.frozen_shardings = {"model": frozen_model_sh, "text_encoder": self.param_shardings["text_encoder"],
-                                 "vae": self.param_shardings["vae"]}
-        abs_trainable, _ = st.split_model(self.abstract_params["model"], self.comps.trainable_paths)
-        self.tx, self.lr_fn = st.make_optimizer(config.train)
+        # Boxed abstract tree -> shardings (an unboxed tree in the layout).
+        self.param_shardings = sharding.tree_shardings(self.system.boxed_abstract, self.mesh, self.rules, fsdp_min)
+        self.abstract_params = self.system.abstract
+        self.trainable_shardings, self.frozen_shardings = self.system.split(self.param_shardings)
+        abs_trainable, abs_frozen = self.system.split(self.abstract_params)
+        self.tx, self.lr_fn = state_lib.make_optimizer(config.train)
         seed = int(config.seed)
-        abs_state = jax.eval_shape(lambda p: st.init_state(p, self.tx, seed), abs_trainable)
-        self.state_shardings = st.state_shardings(abs_state, self.trainable_shardings, self.tx, self.mesh)
+        abs_state = jax.eval_shape(lambda p: state_lib.init_state(p, self.tx, seed), abs_trainable)
+        self.state_shardings = state_lib.state_shardings(abs_state, self.trainable_shardings, self.tx, self.mesh)
         self.abstract_state = _with_shardings(abs_state, self.state_shardings)
-        self.abstract_frozen = _with_shardings(self.split(self.abstract_params)[1], self.frozen_shardings)
-        self._step_fn = step_lib.make_train_step(self.comps, self.tx, self.lr_fn)
+        self.abstract_frozen = _with_shardings(abs_frozen, self.frozen_shardings)
+        self._step_fn = step_lib.make_train_step(self.system, self.tx, self.lr_fn)
         self._jit_step = jax.jit(
             self._step_fn,
-            in_shardings=(self.state_shardings, self.frozen_shardings, sh.batch_sharding(self.mesh)),
-            out_shardings=(self.state_shardings, sh.replicated(self.mesh)),
+            in_shardings=(self.state_shardings, self.frozen_shardings, sharding.batch_sharding(self.mesh)),
+            out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
             donate_argnums=(0,),
+        )
+        self._jit_eval = jax.jit(
+            step_lib.make_eval_step(self.system),
+            in_shardings=(self.trainable_shardings, self.frozen_shardings, sharding.batch_sharding(self.mesh),
+                          sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)),
+            out_shardings=sharding.replicated(self.mesh),
         )
         self._compiled = None
         self._init_fn = None
@@ -74,25 +79,30 @@ class Trainer:
 
     @property
     def mode(self) -> str:
-        return self.comps.mode
+        return self.system.mode
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the train step is compiled (by :meth:`compile` or the first :meth:`train_step`)."""
+        return self._compiled is not None
 
     def with_shardings(self, abstract: Any, shardings: Any) -> Any:
         return _with_shardings(abstract, shardings)
 
     def abstract_all(self) -> dict:
-        """ShapeDtypeStructs (with shardings) of all params {'model', 'text_encoder', 'vae'}."""
+        """ShapeDtypeStructs (with shardings) of all params, in the system's layout."""
         return _with_shardings(self.abstract_params, self.param_shardings)
 
     def init_params(self, key: jax.Array) -> dict:
         """Random init of every parameter, created directly with its sharding (never materialised whole)."""
         if self._init_fn is None:
-            self._init_fn = jax.jit(lambda k: sh.unbox(self.comps.init_all(k)), out_shardings=self.param_shardings)
+            self._init_fn = jax.jit(lambda k: sharding.unbox(self.system.init(k)), out_shardings=self.param_shardings)
         return self._init_fn(key)
 
-    def copy_retention_from_unet(self, model_params: dict) -> dict:
-        """Model params with the retention branch re-initialised from the primary U-Net (sharded, jitted)."""
-        fn = jax.jit(init_retention_from_unet, out_shardings=self.param_shardings["model"])
-        return fn(model_params)
+    def copy_retention_from_unet(self, params: dict) -> dict:
+        """Params with the retention branch re-initialised from the primary U-Net (sharded, jitted)."""
+        fn = jax.jit(self.system.copy_retention_from_unet, out_shardings=self.param_shardings)
+        return fn(params)
 
     def put(self, tree: Any, shardings: Any) -> Any:
         """Host (numpy) or device arrays -> global arrays with `shardings` (every process passes the full value)."""
@@ -100,25 +110,23 @@ class Trainer:
                             if not isinstance(x, jax.Array) else jax.device_put(x, s), tree, shardings)
 
     def split(self, params: dict) -> tuple[dict, dict]:
-        """All params -> (trainable, frozen)."""
-        trainable, frozen_model = st.split_model(params["model"], self.comps.trainable_paths)
-        return trainable, {"model": frozen_model, "text_encoder": params["text_encoder"], "vae": params["vae"]}
+        """All params -> (trainable, frozen) (`System.split`)."""
+        return self.system.split(params)
 
     def merge(self, trainable: dict, frozen: dict) -> dict:
-        return {"model": st.merge_model(trainable, frozen["model"]), "text_encoder": frozen["text_encoder"],
-                "vae": frozen["vae"]}
+        return self.system.merge(trainable, frozen)
 
-    def init_state(self, trainable: dict) -> st.TrainState:
+    def init_state(self, trainable: dict) -> state_lib.TrainState:
         if self._state_fn is None:
             seed = int(self.config.seed)
-            self._state_fn = jax.jit(lambda p: st.init_state(p, self.tx, seed), out_shardings=self.state_shardings)
+            self._state_fn = jax.jit(lambda p: state_lib.init_state(p, self.tx, seed), out_shardings=self.state_shardings)
         return self._state_fn(trainable)
 
     # -- steps -------------------------------------------------------------------------------------------------
 
     def global_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch -> global arrays sharded over ('data', 'fsdp')."""
-        return sh.global_batch(step_lib.model_inputs(local_batch), self.mesh)
+        return sharding.global_batch(step_lib.model_inputs(local_batch), self.mesh)
 
     def context(self):
         """Mesh and logical-rule context every traced computation of the model runs under."""
@@ -139,6 +147,11 @@ class Trainer:
         if self._compiled is None:
             self.compile(state, frozen, batch)
         return self._compiled(state, frozen, batch)
+
+    def eval_step(self, trainable, frozen, batch: dict, mask, key) -> dict:
+        """`{'loss_sum', 'count'}` of one evaluation batch (`make_eval_step`); `mask` marks its real rows."""
+        with self.context():
+            return self._jit_eval(trainable, frozen, batch, mask, key)
 
     def cost_analysis(self) -> dict:
         if self._compiled is None:

@@ -26,23 +26,27 @@ import jax
 import ml_collections
 import numpy as np
 
-from dreamvideo_jax.models import build as mb
+from dreamvideo_jax import checkpoints
+from dreamvideo_jax.diffusion import schedules
+from dreamvideo_jax.errors import CheckpointError
+from dreamvideo_jax.models import build as model_build
 from dreamvideo_jax.sampling import config as sample_config
-from dreamvideo_jax.sampling import inputs as I
-from dreamvideo_jax.sampling import metrics, outputs, weights
+from dreamvideo_jax.sampling import inputs
+from dreamvideo_jax.sampling import drift, outputs
+from dreamvideo_jax.system import MODES, System
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class Options:
-    """Command-line options (``None`` = the config's ``sample`` default)."""
+    """What to read and write (the sample command's flags); every sampling knob is in the config's `sample`
+    section, and `overrides` holds the `--config.*` values given on the command line (e.g. `{'sample.steps': 20}`)."""
 
     output: str | None = None
     image: str | None = None
     prompt: str = ""
     prompt2: str | None = None
-    stages: int | None = None
     prompts_file: str | None = None
     workdir: str | None = None
     checkpoint: str | None = None
@@ -50,146 +54,118 @@ class Options:
     ema: bool = True
     random_init: bool = False
     mode: str = "auto"
-    image_guidance: float | None = None
-    text_guidance: float | None = None
-    steps: int | None = None
-    sampler: str | None = None
-    seed: int | None = None
-    eta: float | None = None
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    first_frame_replacement: bool | None = None
-    negative_prompt: str | None = None
-    drop_repeated_frame: bool = False
     save_latents: str | None = None
-    fps: float | None = None
-    decode_chunk_size: int | None = None
-    loop: str | None = None
     batch_size: int = 0
-    tokenizer: str | None = None
     progress: bool = True
-
-
-_SAMPLE_FLAGS = ("image_guidance", "text_guidance", "steps", "sampler", "seed", "eta", "num_frames", "height",
-                 "width", "first_frame_replacement", "negative_prompt", "fps", "decode_chunk_size", "loop",
-                 "tokenizer")
+    overrides: dict = dataclasses.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Config and checks
 
 
-def _peek_config(opts: Options, config) -> tuple[ml_collections.ConfigDict, str | None]:
-    """The config sampling will use, read cheaply (no weights), and the mode it implies."""
-    from dreamvideo_jax.training import checkpoint as ck
-
-    if opts.workdir and opts.checkpoint:
-        raise I.InputError("checkpoint", opts.checkpoint, "give either --workdir or --checkpoint, not both")
-    if opts.random_init:
-        if opts.workdir or opts.checkpoint:
-            raise I.InputError("random_init", True, "cannot be combined with --workdir / --checkpoint")
-        if config is None:
-            raise I.InputError("config", None, "--random_init needs --config (the architecture to initialise)")
-        return config, config.get("train", {}).get("mode", "dreamvideo")
-    path, name = (opts.workdir, "workdir") if opts.workdir else (opts.checkpoint, "checkpoint")
+def weights_config(config, *, workdir: str | None = None, checkpoint: str | None = None,
+                   random_init: bool = False) -> ml_collections.ConfigDict:
+    """The config sampling will use, read cheaply (no weights): the weights' stored config (with `config`'s
+    `sample` section when `config` is given), or `config` itself for random weights."""
+    if workdir and checkpoint:
+        raise inputs.InputError("checkpoint", checkpoint, "give either --workdir or --checkpoint, not both")
+    if random_init:
+        if workdir or checkpoint:
+            raise inputs.InputError("random_init", True, "cannot be combined with --workdir / --checkpoint")
+        if config is None or "model" not in config:
+            raise inputs.InputError("config", None, "--random_init needs --config (the architecture to initialise)")
+        return config
+    path, name = (workdir, "workdir") if workdir else (checkpoint, "checkpoint")
     if not path:
-        if config is None:
-            raise I.InputError("workdir", None, "give --workdir or --checkpoint (and/or --config)")
-        raise I.InputError("workdir", None, "give --workdir or --checkpoint with the weights to sample from "
-                                            "(or --random_init for a smoke test)")
-    path = path.rstrip("/")
-    if "://" not in path and not os.path.exists(path):
-        raise I.InputError(name, path, "no such file or directory")
-    if ck.is_base(path):
-        model_config = ck.read_model_config(path)
-        loaded = weights._with_model(config, model_config, "t2v") if config is not None else \
-            weights._minimal_config(model_config, "t2v")
-        return loaded, None
-    root = path
-    if os.path.basename(os.path.dirname(path)) == ck.CHECKPOINT_DIR and os.path.basename(path).isdigit():
-        root = os.path.dirname(os.path.dirname(path))
-    stored = ck.read_workdir_config(root)
-    if stored is None or not ck.is_workdir(root):
-        raise I.InputError(name, path, "not a training workdir, WORKDIR/checkpoints/<step> or base checkpoint")
-    if config is not None and "model" in config:
-        from dreamvideo_jax.training import config as tc
-
-        diffs = tc.architecture_diff(stored.to_dict(), config)
-        if diffs:
-            log.warning("--config's architecture differs from the one stored in %s (%s); using the stored one",
-                        root, "; ".join(diffs[:3]) + (" ..." if len(diffs) > 3 else ""))
-    if config is not None and "sample" in config:
-        stored.sample = ml_collections.ConfigDict(config.sample.to_dict())
-    return stored, stored.get("train", {}).get("mode", "dreamvideo")
+        raise inputs.InputError("workdir", None, "give --workdir or --checkpoint with the weights to sample from "
+                                            "(or --random_init with --config for a smoke test)")
+    stored, _ = checkpoints.read_config(path, config, name)
+    return stored
 
 
-def _apply_flags(config, opts: Options) -> ml_collections.ConfigDict:
-    """A copy of ``config`` whose ``sample`` section holds the flags' overrides (checked)."""
-    if opts.sampler is not None:
-        I.check_sampler(opts.sampler)
-    if opts.loop is not None and opts.loop not in sample_config.LOOPS:
-        raise I.InputError("loop", opts.loop, f"use one of {', '.join(sample_config.LOOPS)}")
+def with_overrides(config, overrides: dict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `sample` section is complete (defaults filled in), with the command line's
+    `sample.*` overrides applied and every value checked.
+
+    Raises:
+        InputError: naming `--config.sample.<key>` for a bad value or an unknown key.
+    """
     c = ml_collections.ConfigDict(config.to_dict())
     try:
         s = sample_config.resolve(c)
     except ValueError as e:
-        raise I.InputError("config", "(sample section)", str(e)) from None
-    for name in _SAMPLE_FLAGS:
-        v = getattr(opts, name)
-        if v is not None:
-            s[name] = v
+        raise inputs.InputError("config", "(sample section)", str(e)) from None
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section == "sample":
+            s[name] = value
     c.sample = s
+    check_sample(c)
     return c
 
 
-def _check(config, opts: Options) -> None:
+def check_sample(config) -> None:
+    """Checks the `sample` section against the model (sizes against its down-sampling factor, steps against the
+    schedule); raises InputError naming `--config.sample.<key>`."""
     s = config.sample
-    factor = mb.autoencoder_factor(config.model)
-    I.check_guidance("image_guidance", s.image_guidance)
-    I.check_guidance("text_guidance", s.text_guidance)
-    I.check_sampler(s.sampler)
-    nt = int(config.get("diffusion", {}).get("num_train_timesteps", 1000))
-    I.check_steps(s.steps, s.sampler, nt, s.timestep_spacing, int(s.steps_offset))
-    I.check_eta(s.eta, s.sampler)
-    I.check_seed(s.seed)
-    given = lambda name, default: getattr(opts, name) if getattr(opts, name) is not None else (  # noqa: E731
-        s[name] or config.get(name, default))
-    I.check_positive_int("num_frames", given("num_frames", 16), "num_frames")
-    I.check_size("height", given("height", 256), factor)
-    I.check_size("width", given("width", 256), factor)
+    k = lambda name: f"config.sample.{name}"  # noqa: E731
+    if s.sampler not in sample_config.SAMPLERS:
+        raise inputs.InputError(k("sampler"), s.sampler, f"use one of {', '.join(sample_config.SAMPLERS)}")
+    if s.loop not in sample_config.LOOPS:
+        raise inputs.InputError(k("loop"), s.loop, f"use one of {', '.join(sample_config.LOOPS)}")
+    if s.timestep_spacing not in sample_config.SPACINGS:
+        raise inputs.InputError(k("timestep_spacing"), s.timestep_spacing,
+                           f"use one of {', '.join(sample_config.SPACINGS)}")
+    factor = model_build.autoencoder_factor(config.model)
+    inputs.check_guidance(k("image_guidance"), s.image_guidance)
+    inputs.check_guidance(k("text_guidance"), s.text_guidance)
+    nt = int(schedules.section(config.get("diffusion"))["num_train_timesteps"])
+    try:
+        inputs.check_steps(s.steps, s.sampler, nt, s.timestep_spacing, int(s.steps_offset))
+        inputs.check_eta(s.eta, s.sampler)
+        inputs.check_seed(s.seed)
+    except inputs.InputError as e:
+        raise inputs.InputError(k(e.name), e.value, e.reason) from None
+    inputs.check_positive_int(k("num_frames"), s.num_frames or config.get("num_frames", 16), "num_frames")
+    inputs.check_size(k("height"), s.height or config.get("height", 256), factor)
+    inputs.check_size(k("width"), s.width or config.get("width", 256), factor)
     if float(s.fps) <= 0:
-        raise I.InputError("fps", s.fps, "must be > 0")
+        raise inputs.InputError(k("fps"), s.fps, "must be > 0")
     if int(s.decode_chunk_size) < 0:
-        raise I.InputError("decode_chunk_size", s.decode_chunk_size, "must be >= 0 (0 = all frames at once)")
-    if opts.stages is not None:
-        I.check_positive_int("stages", opts.stages, "the number of stages")
-    if opts.batch_size < 0:
-        raise I.InputError("batch_size", opts.batch_size, "must be >= 0 (0 = the number of devices)")
-    if opts.mode not in ("auto",) + weights.MODES:
-        raise I.InputError("mode", opts.mode, f"use auto, {' or '.join(weights.MODES)}")
+        raise inputs.InputError(k("decode_chunk_size"), s.decode_chunk_size, "must be >= 0 (0 = all frames at once)")
+    if int(s.stages) < 0:
+        raise inputs.InputError(k("stages"), s.stages, "must be >= 0 (0 = one stage per prompt)")
     if s.tokenizer and not os.path.isdir(s.tokenizer):
-        raise I.InputError("tokenizer", s.tokenizer, "no such directory (a tokenizer folder with vocab.json and "
-                                                     "merges.txt)")
+        raise inputs.InputError(k("tokenizer"), s.tokenizer, "no such directory (a tokenizer folder with vocab.json "
+                                                        "and merges.txt)")
+
+
+def _check_io(opts: Options) -> None:
+    if opts.batch_size < 0:
+        raise inputs.InputError("batch_size", opts.batch_size, "must be >= 0 (0 = the number of devices)")
+    if opts.mode not in ("auto",) + MODES:
+        raise inputs.InputError("mode", opts.mode, f"use auto, {' or '.join(MODES)}")
     if opts.save_latents and os.path.splitext(opts.save_latents)[1].lower() != ".npz":
-        raise I.InputError("save_latents", opts.save_latents, "must be an .npz file")
+        raise inputs.InputError("save_latents", opts.save_latents, "must be an .npz file")
 
 
-def _requests(opts: Options) -> list[dict]:
+def _requests(opts: Options, stages: int) -> list[dict]:
     if opts.prompts_file:
         if opts.prompt or opts.prompt2 is not None:
-            raise I.InputError("prompts_file", opts.prompts_file, "give either --prompts_file or --prompt/--prompt2")
-        reqs = I.read_prompts_file(opts.prompts_file)
+            raise inputs.InputError("prompts_file", opts.prompts_file, "give either --prompts_file or --prompt/--prompt2")
+        reqs = inputs.read_prompts_file(opts.prompts_file)
     else:
         prompts = [opts.prompt or ""]
         if opts.prompt2 is not None:
             prompts.append(opts.prompt2)
         reqs = [{"prompts": prompts}]
-    if opts.stages is not None:
+    if stages:
         for r in reqs:
-            if len(r["prompts"]) > opts.stages:
-                raise I.InputError("stages", opts.stages, f"fewer than the {len(r['prompts'])} prompts given")
-            r["prompts"] = r["prompts"] + [r["prompts"][-1]] * (opts.stages - len(r["prompts"]))
+            if len(r["prompts"]) > stages:
+                raise inputs.InputError("config.sample.stages", stages, f"fewer than the {len(r['prompts'])} prompts "
+                                                                   "given")
+            r["prompts"] = r["prompts"] + [r["prompts"][-1]] * (stages - len(r["prompts"]))
     return reqs
 
 
@@ -205,22 +181,35 @@ def _output_paths(output: str, n: int) -> list[str]:
 # Run
 
 
+def load_weights(config, *, workdir: str | None = None, checkpoint: str | None = None, step: int | None = None,
+                 ema: bool = True, random_init: bool = False, mode: str | None = None) -> checkpoints.Loaded:
+    """The weights to sample from: a workdir or checkpoint path (its stored config, with `config`'s `sample`
+    section), or random weights of `config`'s architecture (`random_init`, a smoke test)."""
+    if random_init:
+        params = System(config, mode).random_params(seed=0)
+        return checkpoints.Loaded(config, params, "random weights (--random_init)")
+    name = "workdir" if workdir else "checkpoint"
+    loaded = checkpoints.load(workdir or checkpoint, step=step, use_ema=ema, config=config, name=name)
+    loaded.config.sample = config.sample
+    return loaded
+
+
 def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = print) -> dict:
     """Samples and writes everything ``opts`` asks for; returns a summary dict.
 
     Raises:
         InputError: a bad argument (one line naming it), before any weights are loaded where possible.
     """
-    I.check_output(opts.output)
-    config, mode = _peek_config(opts, config)
-    config = _apply_flags(config, opts)
-    _check(config, opts)
+    inputs.check_output(opts.output)
+    _check_io(opts)
+    config = weights_config(config, workdir=opts.workdir, checkpoint=opts.checkpoint, random_init=opts.random_init)
+    config = with_overrides(config, opts.overrides)
     mode = None if opts.mode == "auto" else opts.mode
     s = config.sample
     num_frames = int(s.num_frames or config.get("num_frames", 16))
     height = int(s.height or config.get("height", 256))
     width = int(s.width or config.get("width", 256))
-    reqs = _requests(opts)
+    reqs = _requests(opts, int(s.stages))
 
     # Images (read and fitted before any weights are loaded).
     cache: dict[str, np.ndarray] = {}
@@ -228,28 +217,23 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
         path = r.get("image", opts.image)
         if path:
             if path not in cache:
-                cache[path] = I.load_image(path, height, width)
+                cache[path] = inputs.load_image(path, height, width)
             r["image_u8"] = cache[path]
         else:
             r["image_u8"] = None
 
     # Weights.
-    if opts.random_init:
-        variables = weights.random_variables(config, seed=0, mode=mode)
-        loaded = weights.Loaded(config, variables, "random weights (--random_init)")
-    else:
-        loaded = weights.load(workdir=opts.workdir, checkpoint=opts.checkpoint, step=opts.step, use_ema=opts.ema,
-                              config=config)
-        loaded.config.sample = config.sample
+    loaded = load_weights(config, workdir=opts.workdir, checkpoint=opts.checkpoint, step=opts.step, ema=opts.ema,
+                          random_init=opts.random_init, mode=mode)
     echo(f"weights: {loaded.source}")
     from dreamvideo_jax.sampling.pipeline import Sampler, Timings
 
     try:
-        sampler = Sampler(loaded.config, loaded.variables, mesh=mesh, mode=mode, tokenizer_dir=loaded.tokenizer_dir)
-    except ValueError as e:
-        raise I.InputError("mode", opts.mode, str(e)) from None
+        sampler = Sampler(loaded.config, loaded.params, mesh=mesh, mode=mode, tokenizer_dir=loaded.tokenizer_dir)
+    except CheckpointError as e:
+        raise inputs.InputError("mode", opts.mode, str(e)) from None
     if any(r["image_u8"] is None for r in reqs) and (sampler.mode == "dreamvideo" or s.first_frame_replacement):
-        raise I.InputError("image", opts.image, "a reference image is required"
+        raise inputs.InputError("image", opts.image, "a reference image is required"
                            + (" for --first_frame_replacement" if sampler.mode == "t2v" else
                               " (DreamVideo animates an image)"))
 
@@ -295,7 +279,7 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
                 image_guidance=[r.get("image_guidance", s.image_guidance) for r in chunk],
                 text_guidance=[r.get("text_guidance", s.text_guidance) for r in chunk],
                 num_frames=num_frames, height=height, width=width, progress=opts.progress,
-                drop_repeated_frame=opts.drop_repeated_frame, on_stage=on_stage,
+                drop_repeated_frame=bool(s.drop_repeated_frame), on_stage=on_stage,
             )  # fmt: skip
             for f in dataclasses.fields(Timings):
                 setattr(total, f.name, getattr(total, f.name) + getattr(sampler.timings, f.name))
@@ -315,7 +299,7 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
     outputs.write_video(path, video, float(s.fps), **extra)
     stem = os.path.splitext(path)[0]
     sheet = outputs.write_contact_sheet(stem + ".png", stages)
-    drift = {k: np.asarray(v[j]).tolist() for k, v in result.drift.items()}
+    sample_drift = {k: np.asarray(v[j]).tolist() for k, v in result.drift.items()}
     meta = {
         "output": path, "contact_sheet": sheet, "frames": int(video.shape[0]), "height": int(video.shape[1]),
         "width": int(video.shape[2]), "fps": float(s.fps), "prompts": r["prompts"], "image": r.get("image", opts.image),
@@ -324,11 +308,11 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
         "sampler": s.sampler, "eta": float(s.eta), "first_frame_replacement": bool(s.first_frame_replacement),
         "negative_prompt": s.negative_prompt,
         "mode": sampler.mode, "weights": loaded.source, "prediction_type": sampler.prediction_type,
-        "drift": drift, "timings_of_batch": sampler.timings.as_dict(),
+        "drift": sample_drift, "timings_of_batch": sampler.timings.as_dict(),
     }  # fmt: skip
     with open(stem + ".json", "w") as f:
         json.dump(meta, f, indent=2)
     echo(f"wrote {path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) and {sheet}")
     if len(stages) > 1:
-        echo(metrics.format_drift(result.drift, j))
+        echo(drift.format_drift(result.drift, j))
     return meta
