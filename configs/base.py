@@ -2,8 +2,8 @@
 
 The other config files start from this one and set only what differs (`configs/modelscope_t2v.py`,
 `configs/tiny.py`, `configs/demo_shapes.py`). Any key can also be set on the command line, e.g.
-`--config.train.learning_rate=1e-4`. `tests/test_configs.py` keeps these values equal to the defaults the
-library applies to a config that lacks a key.
+`--config.train.learning_rate=1e-4`. `tests/test_configs.py` checks these values against the library's own
+defaults (which the converter, evaluation and sampling use where a config lacks a section), key for key.
 
 Config files are loaded by path (`--config=/path/to/configs/X.py`), from any working directory: a file that
 builds on this one reads it with `runpy.run_path` beside its own `__file__`, not with an import.
