@@ -3,12 +3,15 @@
   python -m dreamvideo_jax.train --config=configs/tiny.py --workdir=/tmp/dreamvideo_tiny
 """
 
+import os
+import runpy
 
-from configs import modelscope_t2v
+# Config files are loaded by path from any working directory: read base.py beside this file, not by import.
+_base = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 
 def get_config(arg=None):
-    config = modelscope_t2v.get_config(arg)
+    config = _base["get_config"](arg)
     config.num_frames = 4
     config.height = 16
     config.width = 16
@@ -32,20 +35,15 @@ def get_config(arg=None):
 
     t = config.train
     t.num_steps = 100
-    t.batch_size = 8
     t.learning_rate = 1e-3
     t.warmup_steps = 10
     t.ema_decay = 0.99
     t.checkpoint_every = 50
     t.log_every = 10
-    config.mesh.data, config.mesh.fsdp = -1, 1
 
-    d = config.data
-    d.dataset = "moving_shapes"  # built into data_dir on first use (about a second)
-    d.frame_stride = 1
-    d.worker_count = 0
+    d = config.data  # moving_shapes, built into data_dir on first use (about a second)
+    d.pad_id = 0  # as ModelScope (open_clip.tokenize)
     d.build.size = 16
-    d.build.frames = 8
     d.build.centred_start = 0  # 16 px is too small for an object to move 7 px either way from frame 0
     d.build.num_train, d.build.num_validation, d.build.num_test = 512, 64, 64
     return config

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv (or $VENV) and installs the pinned requirements; does nothing when they are already installed.
-# Usage: bash launch/setup.sh [runtime|test]
+# Creates .venv (or $VENV) and installs this project into it (editable, with the pinned requirements);
+# does nothing when that is already done for the same pins.
+# Usage: bash launch/setup.sh [runtime|test|tpu|cuda]
+#   runtime  pip install -e .           test  pip install -e ".[test]" (+ test assets)
+#   tpu      pip install -e ".[tpu]"    cuda  pip install -e ".[cuda]"
+# each followed by requirements-nodeps.txt with --no-deps (see pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="${1:-runtime}"
 venv="${VENV:-.venv}"
 case "$kind" in
-  runtime) reqs=(requirements.txt requirements-nodeps.txt) ;;
-  test) reqs=(requirements.txt requirements-test.txt requirements-nodeps.txt) ;;
-  *) echo "setup.sh: unknown kind '$kind' (use runtime or test)" >&2; exit 2 ;;
+  runtime) extra="" ;;
+  test|tpu|cuda) extra="[$kind]" ;;
+  *) echo "setup.sh: unknown kind '$kind' (use runtime, test, tpu or cuda)" >&2; exit 2 ;;
 esac
+reqs=(pyproject.toml requirements.txt requirements-nodeps.txt)
+[ -z "$extra" ] || reqs+=("requirements-$kind.txt")
 stamp="$venv/.installed-$kind"
 want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -17,11 +23,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-if [ "$kind" = test ]; then
-  "$venv/bin/python" -m pip install -q -r requirements-test.txt
-else
-  "$venv/bin/python" -m pip install -q -r requirements.txt
-fi
+"$venv/bin/python" -m pip install -q -e ".$extra"
 "$venv/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
 if [ "$kind" = test ]; then
   # The Kinetics-400 label names ship in torchvision's wheel, which cannot be installed beside torch 2.13:

@@ -1,6 +1,6 @@
 """Benchmark: Python loop over the compiled guided step vs one ``lax.scan``, on small conv models.
 
-Run: ``PYTHONPATH=. python -m dreamvideo_jax.diffusion.benchmark_sampling [--steps 25 50] [--repeats 5]``
+Run: ``python -m dreamvideo_jax.diffusion.benchmark_sampling [--steps 25 50] [--repeats 5]``
 
 Prints one JSON line per (model size, sampler, loop, steps): first-call time (compile + run) and the
 median steady-state time of a full sampling run. The machines are noisy: compare ratios within a run.

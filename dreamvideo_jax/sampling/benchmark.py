@@ -1,7 +1,7 @@
 """Benchmark of the sampling pipeline with random weights: compile time apart from sampling time, Python loop vs
 ``lax.scan``, per sampler and batch size.
 
-  PYTHONPATH=. python -m dreamvideo_jax.sampling.benchmark --config=configs/tiny.py --steps 10 25 --batch 1 2
+  python -m dreamvideo_jax.sampling.benchmark --config=configs/tiny.py --steps 10 25 --batch 1 2
 
 Prints one JSON line per (sampler, loop, batch, steps): ``compile_s`` (ahead-of-time compilation of the step /
 scan executable; the text encoder, preparation and decoder are compiled once per shape and reported in the first

@@ -120,9 +120,8 @@ cmd_setup() {
   run git -C "$REPO_ROOT" archive --format=tar.gz --prefix=dreamvideo_jax/ -o "$tarball" HEAD
   run "${GCLOUD[@]}" scp "$tarball" "$NAME:/tmp/dreamvideo_jax.tar.gz" "${LOC[@]}" --worker=all
   local install="set -e; rm -rf $REMOTE_DIR; tar xzf /tmp/dreamvideo_jax.tar.gz -C ~;"
-  install+=" cd $REMOTE_DIR && bash launch/setup.sh .venv runtime && . .venv/bin/activate"
-  install+=" && python -m pip install -q \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\""
-  install+=" gcsfs google-cloud-storage"
+  install+=" cd $REMOTE_DIR && bash launch/setup.sh tpu && . .venv/bin/activate"
+  install+=" && python -m pip install -q gcsfs google-cloud-storage"
   install+=" && python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].platform)'"
   on_all_workers "$install"
 }
