@@ -226,3 +226,34 @@ def test_cli_base_checkpoint_is_text_to_video(cfg, image_path, tmp_path):
         assert z["video"].shape == (4, 16, 16, 3)
     with pytest.raises(InputError, match="--mode=dreamvideo"):
         runner.run(_opts(checkpoint=base, image=image_path, output=out, mode="dreamvideo"), cfg, echo=_quiet)
+
+
+def test_outputs_never_overwrite_inputs_and_prompts_must_be_text(cfg, tmp_path, monkeypatch):
+    """The contact sheet of --output=cat.mp4 is cat.png: with --image=cat.png that is refused before anything
+    is written. Undecodable prompt bytes and images too large to open safely are one-line errors."""
+    import PIL.Image
+
+    cat = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(cat)
+    before = cat.read_bytes()
+    with pytest.raises(InputError, match=r"--output=.*cat.png: would overwrite the input --image="):
+        runner.run(_opts(random_init=True, image=str(cat), prompt="x", output=str(tmp_path / "cat.mp4")), cfg,
+                   echo=_quiet)
+    assert cat.read_bytes() == before and not (tmp_path / "cat.mp4").exists()
+    with pytest.raises(InputError, match=r"--prompt=.*not valid UTF-8 text"):
+        runner.run(_opts(random_init=True, image=str(cat), prompt="a \udcff cat", output=str(tmp_path / "o.mp4")),
+                   cfg, echo=_quiet)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # a 16x16 image is then a "bomb" (> 2x the limit)
+    with pytest.raises(InputError, match=r"--image=.*cat.png: too large to open safely"):
+        runner.run(_opts(random_init=True, image=str(cat), prompt="x", output=str(tmp_path / "o.mp4")), cfg,
+                   echo=_quiet)
+
+
+def test_workdir_without_a_checkpoint_is_refused(cfg, image_path, tmp_path):
+    from dreamvideo_jax import checkpoints, config_io
+
+    root = tmp_path / "untrained"
+    checkpoints.save_base(str(root / "base"), System(cfg).random_params(seed=0), cfg.model)
+    (root / "config.json").write_text(config_io.to_json(cfg))
+    with pytest.raises(InputError, match=r"--workdir=.*has no checkpoint yet.*--checkpoint=.*/base"):
+        runner.run(_opts(workdir=str(root), image=image_path, output=str(tmp_path / "o.npz")), None, echo=_quiet)

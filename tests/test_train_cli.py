@@ -137,10 +137,11 @@ def test_exact_resume_after_sigkill_and_sigterm(env, reference_run):
     for name in os.listdir(os.path.join(wd, "checkpoints")):
         if name != "3" and not name.startswith("_"):
             shutil.rmtree(os.path.join(wd, "checkpoints", name))
-    # 2. Resume; SIGTERM after the first new step: a checkpoint at the current step, clean exit.
+    # 2. Resume; Ctrl-C (SIGINT) while the step compiles: like SIGTERM, a checkpoint after the current step and a
+    #    clean exit (JAX's own handler would swallow it during compilation and train on).
     p = _popen(env, wd)
-    _wait_for(lambda: "step 4: loss" in open(f"{wd}.log").read(), p, "step 4")
-    p.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "starting at step 3" in open(f"{wd}.log").read(), p, "start-up")
+    p.send_signal(signal.SIGINT)
     out = _finish(p, wd)
     assert p.returncode == 0 and "stopped on request" in out, out[-3000:]
     saved = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
@@ -234,6 +235,23 @@ def test_resume_order(env, reference_run, eight, tmp_path):
     ema = flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
     got = flatten(jax.device_get(state.params))
     assert all(np.array_equal(got[k], ema[k]) for k in got)
+
+
+def test_resume_refuses_another_objective_and_a_busy_workdir(env, reference_run):
+    for section, key, value in (("train", "prediction_type", "v"), ("diffusion", "beta_schedule", "linear")):
+        cfg = train_config(env["data_dir"])
+        cfg[section][key] = value
+        with pytest.raises(IncompatibleConfigError, match=rf"{section}.{key}: '\w+' -> '{value}'"):
+            loop.train_and_evaluate(cfg, reference_run)
+    # Another trainer holds the workdir: refused with who holds it, before anything is read or written.
+    from dreamvideo_jax.checkpoints.lock import Lock
+
+    before = open(os.path.join(reference_run, "metrics.jsonl")).read()
+    with Lock(os.path.join(reference_run, ".lock"), "test holder"):
+        with pytest.raises(WorkdirError, match=rf"workdir {reference_run} is in use by another process \(host "
+                                               rf".*, pid {os.getpid()}"):
+            loop.train_and_evaluate(train_config(env["data_dir"]), reference_run)
+    assert open(os.path.join(reference_run, "metrics.jsonl")).read() == before
 
 
 def test_incompatible_config_unwritable_workdir_unknown_key(env, reference_run, tmp_path):

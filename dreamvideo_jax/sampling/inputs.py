@@ -61,6 +61,9 @@ def read_image(path: str, name: str = "image") -> np.ndarray:
     except UnidentifiedImageError:
         raise InputError(name, path, "not an image format Pillow can read (unsupported format or not an "
                                      "image)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(name, path, f"too large to open safely ({' '.join(str(e).split())}); downscale it "
+                                     "first") from None
     except InputError:
         raise
     except (OSError, ValueError, SyntaxError) as e:
@@ -233,6 +236,26 @@ def check_steps(steps: int, sampler: str, num_train_timesteps: int, spacing: str
         raise InputError("steps", steps, f"too many for {num_train_timesteps} training timesteps with "
                                          f"{spacing!r} spacing and steps_offset {offset}") from None
     return int(steps)
+
+
+def check_text(name: str, text: str, where: str = "") -> str:
+    """A prompt must be valid Unicode text (a command line with undecodable bytes gives surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(name, text.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+                         f"{where}not valid UTF-8 text (byte {e.start}); pass the prompt as UTF-8") from None
+    return text
+
+
+def check_not_inputs(outputs: Sequence[tuple[str, str]], inputs: Sequence[tuple[str, str]]) -> None:
+    """Refuses an output path that is an input file (e.g. OUTPUT_STEM.png = the reference image): nothing the
+    user did not name as output is overwritten. ``outputs`` / ``inputs``: (flag, path) pairs."""
+    real = {os.path.realpath(p): flag for flag, p in inputs if p}
+    for flag, p in outputs:
+        if p and os.path.realpath(p) in real:
+            raise InputError(flag, p, f"would overwrite the input --{real[os.path.realpath(p)]}={p}; choose "
+                                      "another output name")
 
 
 def check_output(path: str, name: str = "output") -> str:

@@ -155,10 +155,12 @@ def _requests(opts: Options, stages: int) -> list[dict]:
         if opts.prompt or opts.prompt2 is not None:
             raise inputs.InputError("prompts_file", opts.prompts_file, "give either --prompts_file or --prompt/--prompt2")
         reqs = inputs.read_prompts_file(opts.prompts_file)
+        for r in reqs:
+            r["prompts"] = [inputs.check_text("prompts_file", p, f"{opts.prompts_file}: ") for p in r["prompts"]]
     else:
-        prompts = [opts.prompt or ""]
+        prompts = [inputs.check_text("prompt", opts.prompt or "")]
         if opts.prompt2 is not None:
-            prompts.append(opts.prompt2)
+            prompts.append(inputs.check_text("prompt2", opts.prompt2))
         reqs = [{"prompts": prompts}]
     if stages:
         for r in reqs:
@@ -189,7 +191,13 @@ def load_weights(config, *, workdir: str | None = None, checkpoint: str | None =
         params = System(config, mode).random_params(seed=0)
         return checkpoints.Loaded(config, params, "random weights (--random_init)")
     name = "workdir" if workdir else "checkpoint"
-    loaded = checkpoints.load(workdir or checkpoint, step=step, use_ema=ema, config=config, name=name)
+    path = workdir or checkpoint
+    loaded = checkpoints.load(path, step=step, use_ema=ema, config=config, name=name)
+    if loaded.step is None and checkpoints.locate(path, name).kind == "workdir":
+        base = os.path.join(checkpoints.locate(path, name).root, checkpoints.BASE_DIR)
+        raise inputs.InputError(name, path, f"has no checkpoint yet, so its weights are the untrained initial ones; "
+                                            f"train it first, or sample those weights on purpose with "
+                                            f"--checkpoint={base} and its training --config")
     loaded.config.sample = config.sample
     return loaded
 
@@ -222,6 +230,15 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
         else:
             r["image_u8"] = None
 
+    paths = _output_paths(opts.output, len(reqs))
+    latent_paths = _output_paths(opts.save_latents, len(reqs)) if opts.save_latents else None
+    written = [("output", q) for p in paths for q in (p, os.path.splitext(p)[0] + ".png",
+                                                       os.path.splitext(p)[0] + ".json")]
+    written += [("save_latents", p) for p in latent_paths or ()]
+    read = [("image", r["image"] if r.get("image") else opts.image) for r in reqs] + [("prompts_file",
+                                                                                       opts.prompts_file)]
+    inputs.check_not_inputs(written, read)
+
     # Weights.
     loaded = load_weights(config, workdir=opts.workdir, checkpoint=opts.checkpoint, step=opts.step, ema=opts.ema,
                           random_init=opts.random_init, mode=mode)
@@ -237,8 +254,6 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
                            + (" for --first_frame_replacement" if sampler.mode == "t2v" else
                               " (DreamVideo animates an image)"))
 
-    paths = _output_paths(opts.output, len(reqs))
-    latent_paths = _output_paths(opts.save_latents, len(reqs)) if opts.save_latents else None
     batch_size = opts.batch_size or (mesh.size if mesh is not None else jax.local_device_count())
     seed0 = int(s.seed)
     for i, r in enumerate(reqs):

@@ -31,6 +31,8 @@ from etils import epath
 from dreamvideo_jax import checkpoints, config_io
 from dreamvideo_jax import system as system_lib
 from dreamvideo_jax.checkpoints.base import sync_processes
+from dreamvideo_jax.checkpoints.lock import Lock
+from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, InputError, WorkdirError, one_line
 from dreamvideo_jax.parallel.sharding import to_host
 from dreamvideo_jax.training import metric_log
@@ -57,7 +59,8 @@ class TrainResult:
 class PreemptionWatcher:
     """True once the process should checkpoint and stop.
 
-    Single process: a SIGTERM handler sets a flag. Multi-process with JAX's preemption service (started by
+    Single process: SIGTERM and SIGINT (Ctrl-C) set a flag, so either stops the run after the current step with
+    a checkpoint; a second Ctrl-C aborts at once. Multi-process with JAX's preemption service (started by
     `jax.distributed.initialize`): `reached_preemption_sync_point`, which makes every process agree on the step.
     """
 
@@ -72,12 +75,17 @@ class PreemptionWatcher:
                 self._sync = distributed.global_state.preemption_sync_manager is not None
             except Exception:  # noqa: BLE001
                 self._sync = False
+        self._previous_int = None
         if not self._sync and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous_int = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
         del frame
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        if signum == signal.SIGINT and self._flag.is_set():
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+        log.warning("received signal %d: saving a checkpoint and stopping after this step%s", signum,
+                    " (Ctrl-C again to abort without it)" if signum == signal.SIGINT else "")
         self._flag.set()
 
     def reached(self, step: int) -> bool:
@@ -96,6 +104,9 @@ class PreemptionWatcher:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,11 +129,24 @@ def prepare_workdir(workdir: str) -> epath.Path:
     return path
 
 
-def _check_compatible(stored: Any, config, what: str) -> None:
-    diffs = system_lib.architecture_diff(config_io.to_dict(stored), config)
+def _objective(config) -> dict:
+    """What a checkpoint's weights mean besides their shapes: the prediction target and the noise schedule."""
+    train = config_io.to_dict(config).get("train", {})
+    return {"train": {"prediction_type": train.get("prediction_type", "eps")},
+            "diffusion": schedules.section(config.get("diffusion"))}
+
+
+def _check_compatible(stored: Any, config, what: str, objective: bool = True) -> None:
+    """Resuming needs the same parameter trees AND the same objective (an eps model continued as v-prediction, or
+    on another schedule, would silently learn something else); initialising from other weights (`objective=False`)
+    needs the same trees only."""
+    stored = ml_collections.ConfigDict(config_io.to_dict(stored))
+    diffs = system_lib.architecture_diff(stored.to_dict(), config)
+    if objective:
+        diffs += config_io.diff(_objective(stored), _objective(config))
     if diffs:
         raise IncompatibleConfigError(
-            f"{what} was written with a different architecture; differing keys: " + "; ".join(diffs[:12])
+            f"{what} was written with a different architecture or objective; differing keys: " + "; ".join(diffs[:12])
             + (f" (+{len(diffs) - 12} more)" if len(diffs) > 12 else ""))
 
 
@@ -159,7 +183,7 @@ def check_source_model(stored: ml_collections.ConfigDict, config, what: str, sou
     if not source_has_branch and "retention" in config.model:
         # A source without retention parameters (t2v run, converted base): its branch settings cannot conflict.
         fake["model"]["retention"] = config_io.to_dict(config.model.retention)
-    _check_compatible(fake, config, what)
+    _check_compatible(fake, config, what, objective=False)
 
 
 def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
@@ -298,9 +322,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
 
 
 def _train(config, workdir: str, data_iterator, watcher: PreemptionWatcher) -> TrainResult:
-    t = config.train
     tr = Trainer(config)  # checks the config before anything is written
     wd = prepare_workdir(workdir)
+    lock = Lock(os.fspath(wd / ".lock"), f"workdir {workdir}") if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()  # released in the finally below; another trainer on this workdir fails here
+    try:
+        return _train_locked(tr, config, wd, workdir, data_iterator, watcher)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(tr: Trainer, config, wd: epath.Path, workdir: str, data_iterator,
+                  watcher: PreemptionWatcher) -> TrainResult:
+    t = config.train
     stored_config = checkpoints.read_workdir_config(os.fspath(wd))
     if stored_config is not None:
         _check_compatible(stored_config, config, f"workdir {workdir}")
