@@ -257,3 +257,26 @@ def test_workdir_without_a_checkpoint_is_refused(cfg, image_path, tmp_path):
     (root / "config.json").write_text(config_io.to_json(cfg))
     with pytest.raises(InputError, match=r"--workdir=.*has no checkpoint yet.*--checkpoint=.*/base"):
         runner.run(_opts(workdir=str(root), image=image_path, output=str(tmp_path / "o.npz")), None, echo=_quiet)
+
+
+def test_truncated_workdir_files_are_one_line_errors(cfg, image_path, tmp_path):
+    from dreamvideo_jax.errors import CheckpointError
+
+    wd = _workdir(cfg, tmp_path / "run")
+    out = str(tmp_path / "o.npz")
+    config_json = os.path.join(wd, "config.json")
+    text = open(config_json).read()
+    open(config_json, "w").write(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON") as e:
+        runner.run(_opts(workdir=wd, image=image_path, output=out), None, echo=_quiet)
+    assert "\n" not in str(e.value)
+    open(config_json, "w").write(text)
+    for dirpath, _, files in os.walk(os.path.join(wd, "base", "params")):
+        for f in files:
+            if not f.startswith("_") and f != "manifest.ocdbt":
+                path = os.path.join(dirpath, f)
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=r"base checkpoint .*/base/params is unreadable") as e:
+        runner.run(_opts(workdir=wd, image=image_path, output=out), None, echo=_quiet)
+    assert "\n" not in str(e.value) and not os.path.exists(out)

@@ -76,7 +76,10 @@ def read_model_config(path: str) -> ml_collections.ConfigDict:
     p = epath.Path(path) / BASE_MODEL_CONFIG
     if not p.exists():
         raise CheckpointError(f"{path} is not a base checkpoint: {p} is missing")
-    return ml_collections.ConfigDict(json.loads(p.read_text()))
+    try:
+        return ml_collections.ConfigDict(json.loads(p.read_text()))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is not valid JSON ({one_line(e)})") from None
 
 
 def base_shapes(path: str) -> dict:
@@ -109,8 +112,11 @@ def load_base(path: str, *, target: Any = None) -> tuple[dict, ml_collections.Co
     if target is None:
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored,
                                     is_leaf=lambda x: isinstance(x, tuple))
-        with ocp.PyTreeCheckpointer() as ckptr:
-            params = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        try:
+            with ocp.PyTreeCheckpointer() as ckptr:
+                params = ckptr.restore(params_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        except Exception as e:  # noqa: BLE001 - reported with the path
+            raise CheckpointError(f"base checkpoint {params_path} is unreadable: {one_line(e)}") from e
         return dict(params), model_config
     target = dict(target)
     missing = sorted(set(target) - set(stored))
