@@ -222,3 +222,30 @@ def test_write_video_and_load_image_round_trip(tmp_path):
     Image.fromarray(video_io.to_uint8(frames[0])).save(tmp_path / "img.png")
     img = video_io.load_image(str(tmp_path / "img.png"), 16, 16)
     assert img.shape == (16, 16, 3) and img.dtype == np.float32 and -1 <= img.min() and img.max() <= 1
+
+
+def _tiny_source(d, names=("a.mkv",), frames=8, rows=None):
+    """A folder of tiny lossless clips (16x16, `frames` frames) and a caption file (default: one row per clip)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        _encode(d / name, rng.integers(0, 255, (frames, 16, 16, 3), dtype=np.uint8), "ffv1", "bgr0")
+    rows = rows if rows is not None else [f"{n},clip {n}" for n in names]
+    (d / "captions.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    return d
+
+
+def test_default_size_builds(tmp_path):
+    """The default build (256x256, 32 frames) and the same size spelled out both build (and the second run of
+    the same build is a rebuild, not a clash with a config of the same name)."""
+    src = _tiny_source(tmp_path / "v")
+    res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1)
+    assert res.config_name == "256x256_32f_stride1" and res.report.written == {"train": 1}
+    again = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1,
+                                height=256, width=256, center_crop=True, overwrite=True)  # fmt: skip
+    assert not again.existed and again.path == res.path and again.report.written == {"train": 1}
+    import tensorflow_datasets as tfds
+
+    rec = tfds.builder_from_directory(res.path).as_data_source("train")[0]
+    assert rec["video"].shape == (8, 256, 256, 3) and rec["caption"] == b"clip a.mkv"

@@ -155,7 +155,9 @@ class VideoFolder(ArrayRecordBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [make_config()]
+    # No registered config: every build passes its own (with its source_dir). A registered one would make tfds
+    # refuse any config of the same name that is not that very object, i.e. every build at the default size.
+    BUILDER_CONFIGS: list = []
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the video folder as the config's source_dir (or --source_dir)."
 
     def __init__(self, *args, report: BuildReport | None = None, exclude_splits=(), **kwargs):
