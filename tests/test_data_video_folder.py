@@ -249,3 +249,28 @@ def test_default_size_builds(tmp_path):
 
     rec = tfds.builder_from_directory(res.path).as_data_source("train")[0]
     assert rec["video"].shape == (8, 256, 256, 3) and rec["caption"] == b"clip a.mkv"
+
+
+def test_paths_leading_out_of_source_dir_are_skipped_and_counted(tmp_path):
+    """Caption rows naming '..' or absolute paths, and symlinks resolving outside, never pull a video in."""
+    outside = _tiny_source(tmp_path / "outside", names=("x.mkv",))
+    src = tmp_path / "v"
+    src.mkdir()
+    (src / "sub").mkdir()
+    os.symlink(outside / "x.mkv", src / "link.mkv")  # a file inside pointing out
+    os.symlink(outside, src / "sub" / "dirlink")  # a folder inside pointing out
+    rows = ["in.mkv,inside", "../outside/x.mkv,dotdot", f"{outside / 'x.mkv'},absolute", "link.mkv,symlink",
+            "sub/../../outside/x.mkv,dotdot in the middle", "sub/dirlink/x.mkv,through a linked folder"]  # fmt: skip
+    _tiny_source(src, names=("in.mkv",), rows=rows)
+    res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), height=16, width=16,
+                              max_frames=8, min_frames=4, num_workers=1)  # fmt: skip
+    assert res.report.written == {"train": 1}
+    assert res.report.skipped == {"outside_source_dir": 4}  # 'sub/../../outside/x.mkv' is '../outside/x.mkv' 
+    saved = build.load_report(res.path)
+    named = {x["path"]: x["message"] for x in saved.examples if x["reason"] == "outside_source_dir"}
+    assert set(named) == {"../outside/x.mkv", str(outside / "x.mkv"), "link.mkv", "sub/dirlink/x.mkv"}
+    assert "symlink" in named["link.mkv"] and "'..'" in named["../outside/x.mkv"]
+    import tensorflow_datasets as tfds
+
+    ds = tfds.builder_from_directory(res.path).as_data_source("train")
+    assert [r["path"] for r in ds] == [b"in.mkv"]
