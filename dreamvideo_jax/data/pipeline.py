@@ -15,8 +15,11 @@ number of threads or worker processes. The returned iterator is a ``grain.Datase
 ``get_state()`` / ``set_state()`` round-trip exactly, and ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore`` store it with orbax.
 
-Records that cannot be read or converted are skipped with a warning (never an exception); clips shorter than
-``(num_frames - 1) * frame_stride + 1`` use a smaller stride, then repeat their last frame.
+Records that cannot be read or converted are skipped with a warning; clips shorter than
+``(num_frames - 1) * frame_stride + 1`` use a smaller stride, then repeat their last frame. A training pipeline
+whose records keep failing stops instead of skipping forever: after ``data.max_bad_records`` unusable records in a
+row (or twice the split's length, when that is smaller: a whole epoch without one usable record), ``next()``
+raises :class:`dreamvideo_jax.errors.DataError` naming the dataset and split.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 from dreamvideo_jax.data import build as build_lib
 from dreamvideo_jax.data import tokenizer as tokenizer_lib
 from dreamvideo_jax.data import video_io
+from dreamvideo_jax.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,11 @@ def dataset_path(data_cfg) -> str:
 
 def open_source(data_cfg, split: str | None = None):
     """Random-access source (``len``, ``[i]`` → dict of numpy / bytes) of a split, via tfds without TensorFlow."""
+    return _open_source(data_cfg, split)[0]
+
+
+def _open_source(data_cfg, split: str | None = None):
+    """(source, version folder) of a split."""
     import tensorflow_datasets as tfds
 
     path = dataset_path(data_cfg)
@@ -129,14 +138,52 @@ def open_source(data_cfg, split: str | None = None):
     split = split or data_cfg.split
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {path} (splits: {sorted(builder.info.splits)})")
-    return builder.as_data_source(split)
+    return builder.as_data_source(split), path
+
+
+class BadRecordGuard:
+    """Counts unusable records in a row and raises :class:`DataError` at ``limit`` (0: never).
+
+    Shared by the reading and the transforming step of one pipeline (a record can fail in either); a usable
+    record resets the count. Picklable: each grain worker process counts its own records.
+    """
+
+    def __init__(self, limit: int, where: str):
+        self.limit, self.where = int(limit), where
+        self._run = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def ok(self) -> None:
+        with self._lock:
+            self._run = 0
+
+    def bad(self, reason: str) -> None:
+        with self._lock:
+            self._run += 1
+            n = self._run
+        if self.limit > 0 and n >= self.limit:
+            raise DataError(
+                f"{self.where}: {self.limit} records in a row could not be read or used, none usable in between "
+                f"(last: {' '.join(reason.split())[:300]}); the dataset looks corrupt: rebuild it with "
+                "`python -m dreamvideo_jax.data.build ... --overwrite`, or raise data.max_bad_records"
+            )
 
 
 class _SafeSource:
     """Wraps a data source so a record that fails to read becomes None (skipped) instead of an exception."""
 
-    def __init__(self, source):
+    def __init__(self, source, guard: BadRecordGuard | None = None):
         self._source = source
+        self._guard = guard
 
     def __len__(self) -> int:
         return len(self._source)
@@ -146,7 +193,10 @@ class _SafeSource:
         try:
             rec = dict(self._source[index])
         except Exception as e:  # noqa: BLE001 - a corrupt record must not stop training
-            _count("unreadable_record", f"record {index}: {type(e).__name__}: {e}")
+            msg = f"record {index}: {one_line(e)}"
+            _count("unreadable_record", msg)
+            if self._guard is not None:
+                self._guard.bad(f"unreadable {msg}")
             return None
         rec["_index"] = index
         return rec
@@ -220,6 +270,7 @@ class ClipTransform:
     random_caption: bool = True
     with_captions: bool = False
     with_metadata: bool = False
+    guard: BadRecordGuard | None = None  # training: stops a pipeline whose records keep failing
 
     def __post_init__(self):
         self._cache: dict[str, np.ndarray] = {}
@@ -243,10 +294,16 @@ class ClipTransform:
         if record is None:
             return None
         try:
-            return self._apply(record, rng)
+            out = self._apply(record, rng)
         except Exception as e:  # noqa: BLE001 - a bad record must not stop training
-            _count("bad_record", f"record {record.get('_index')}: {type(e).__name__}: {e}")
+            msg = f"record {record.get('_index')}: {one_line(e)}"
+            _count("bad_record", msg)
+            if self.guard is not None:
+                self.guard.bad(f"unusable {msg}")
             return None
+        if self.guard is not None:
+            self.guard.ok()
+        return out
 
     def _apply(self, record, rng):
         video = _as_video(record["video"])
@@ -354,20 +411,29 @@ def make_train_dataset(
     """The training pipeline as a ``grain.IterDataset`` (see :func:`make_train_iterator`)."""
     local = _local_batch(batch_size, process_count)
     seed = int(data_cfg.get("seed", 0) if seed is None else seed)
-    source = source if source is not None else open_source(data_cfg, data_cfg.split)
+    if source is None:
+        source, where = _open_source(data_cfg, data_cfg.split)
+        where = f"{where} split {data_cfg.split!r}"
+    else:
+        where = f"split {data_cfg.split!r} of the given {type(source).__name__}"
     if len(source) == 0:
         raise ValueError(f"split {data_cfg.split!r} of {data_cfg.dataset!r} is empty")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    ds = grain.MapDataset.source(_SafeSource(source))
-    ds = ds[process_index::process_count]  # disjoint shards that together cover the split
-    if len(ds) == 0:
+    shard = len(range(process_index, len(source), process_count))
+    if shard == 0:
         raise ValueError(f"process {process_index} of {process_count} has no records ({len(source)} in the split)")
+    # A whole epoch (any 2 * shard draws in a row contain one) plus the reads in flight, capped by the config.
+    limit = int(data_cfg.get("max_bad_records", 1000))
+    guard = BadRecordGuard(min(limit, 2 * shard + 2 * local) if limit > 0 else 0, where)
+    ds = grain.MapDataset.source(_SafeSource(source, guard))
+    ds = ds[process_index::process_count]  # disjoint shards that together cover the split
     if data_cfg.get("shuffle", True):
         ds = ds.shuffle(seed=seed * 1_000_003 + process_index)
     epochs = int(data_cfg.get("num_epochs", -1))
     ds = ds.repeat(None if epochs < 0 else epochs)
-    ds = ds.random_map(_transform(data_cfg, tokenizer, True, with_captions, False), seed=seed + 7919 * process_index + 1)
+    transform = dataclasses.replace(_transform(data_cfg, tokenizer, True, with_captions, False), guard=guard)
+    ds = ds.random_map(transform, seed=seed + 7919 * process_index + 1)
     read = grain.ReadOptions(num_threads=max(1, int(data_cfg.get("read_threads", 2))), prefetch_buffer_size=2 * local)
     ds = ds.to_iter_dataset(read).batch(local, drop_remainder=True)
     return ds.map(functools.partial(normalise_batch, as_uint8=bool(data_cfg.get("as_uint8", False))))
