@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -104,3 +105,62 @@ def test_cli_missing_workdir_is_a_one_line_error(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines[-1] == f"error: --workdir={tmp_path}/nowhere: no such file or directory", r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- the runner's own logic, without a model: "generated" clips repeat the conditioning image --------------------
+
+
+class _FakeSampler:
+    mode = "dreamvideo"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def generate(self, images, captions, *, num_frames, height, width, **kwargs):
+        return np.repeat(np.asarray(images)[:, None], num_frames, axis=1)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    from dreamvideo_jax.sampling import pipeline as sampling_pipeline
+    from dreamvideo_jax.sampling import runner as sampling_runner
+
+    fake = lambda config, **kw: types.SimpleNamespace(config=config, params=None, source="fake weights", step=None,
+                                                      tokenizer_dir=None)  # fmt: skip
+    monkeypatch.setattr(sampling_runner, "load_weights", fake)
+    monkeypatch.setattr(sampling_pipeline, "Sampler", _FakeSampler)
+
+
+def _quick(output, data_dir, stored_frames=8, stride=1, messages=None, on_batch=None, **kw):
+    """Evaluates 4 generated frames of 16x16 against a small moving-shapes build of `stored_frames` frames."""
+    config = tiny.get_config()
+    d = config.data
+    d.build.frames, d.build.num_train, d.build.num_validation, d.build.num_test = stored_frames, 4, 6, 0
+    d.frame_stride = stride
+    kw.setdefault("num_samples", 5)
+    opts = runner.Options(random_init=True, output=str(output), data_dir=str(data_dir), progress=False,
+                          dataset="moving_shapes", batch_size=2, shapes=False, **kw)  # fmt: skip
+    echo = messages.append if messages is not None else (lambda *_: None)
+    return runner.evaluate(opts, config, on_batch=on_batch, echo=echo)
+
+
+def _raise(done):
+    raise _Stop
+
+
+def test_unreadable_saved_state_is_a_one_line_error(tmp_path, no_model):
+    out = tmp_path / "m.json"
+    with pytest.raises(_Stop):
+        _quick(out, tmp_path / "data", on_batch=_raise)
+    state_npz, state_json = runner.state_paths(str(out))
+    raw = open(state_npz, "rb").read()
+    open(state_npz, "wb").write(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(InputError) as e:
+        _quick(out, tmp_path / "data")
+    msg = str(e.value)
+    assert msg.startswith(f"--output={out}: the saved evaluation state {state_npz} is unreadable (BadZipFile")
+    assert msg.endswith("rerun with --restart to discard it and start afresh") and "\n" not in msg
+    open(state_json, "w").write('{"settings": {"version": 1, "data')  # cut short
+    with pytest.raises(InputError, match=f"state {state_json} is unreadable \\(JSONDecodeError.*--restart"):
+        _quick(out, tmp_path / "data")
+    assert _quick(out, tmp_path / "data", restart=True)["protocol"]["num_videos"] == 5

@@ -24,7 +24,7 @@ Resuming: after every batch the suite's state is saved to ``OUTPUT.state.npz`` a
 it to ``OUTPUT.state.json``. A rerun with the same settings continues after the last saved clip; any
 ``num_samples`` at least as large as what is done may be asked (so N can also be raised later). Per-clip seeds
 are ``seed + clip index``, so a resumed run gives the same numbers as an uninterrupted one. A state written
-with other settings is refused (``restart=True`` discards it).
+with other settings, or an unreadable one, is refused (``restart=True`` discards it).
 """
 
 from __future__ import annotations
@@ -189,14 +189,26 @@ def _resume(opts: Options, suite, settings: dict, echo) -> tuple[int, dict]:
         return 0, {}
     if not (os.path.exists(state_json) and os.path.exists(state_npz)):
         return 0, {}
-    with open(state_json) as f:
-        saved = json.load(f)
+    try:
+        with open(state_json) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+            raise ValueError("not a JSON object with the 'settings' of an evaluation")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise inputs.InputError("output", opts.output, f"the saved evaluation state {state_json} is unreadable "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); rerun with --restart "
+                                "to discard it and start afresh") from None
     if saved.get("settings") != settings:
         diff = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                       if settings.get(k) != saved.get("settings", {}).get(k))
         raise inputs.InputError("output", opts.output, f"{state_json} holds an evaluation with other settings (differ: "
                                                   f"{', '.join(diff)}); rerun with those, or --restart to discard it")
-    suite.load(state_npz)
+    try:
+        suite.load(state_npz)
+    except Exception as e:  # noqa: BLE001 - truncated (BadZipFile, EOFError), missing keys, wrong contents
+        raise inputs.InputError("output", opts.output, f"the saved evaluation state {state_npz} is unreadable "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); rerun with --restart "
+                                "to discard it and start afresh") from None
     done = suite.num
     if done > opts.num_samples:
         raise inputs.InputError("num_samples", opts.num_samples, f"{state_json} already holds {done} clips; ask for at "
