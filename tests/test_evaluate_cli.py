@@ -4,6 +4,7 @@ refusing a state of other settings, and one-line errors."""
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import types
@@ -164,3 +165,39 @@ def test_unreadable_saved_state_is_a_one_line_error(tmp_path, no_model):
     with pytest.raises(InputError, match=f"state {state_json} is unreadable \\(JSONDecodeError.*--restart"):
         _quick(out, tmp_path / "data")
     assert _quick(out, tmp_path / "data", restart=True)["protocol"]["num_videos"] == 5
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that a weights file is never unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_metric_weights_given_must_exist_and_load(tmp_path, no_model):
+    data = tmp_path / "data"
+    with pytest.raises(InputError, match=f"^--c3d_weights={tmp_path}/missing.npz: no such file"):
+        _quick(tmp_path / "m.json", data, c3d_weights=str(tmp_path / "missing.npz"))
+    with pytest.raises(InputError, match="^--clip_model=typo: no such folder"):
+        _quick(tmp_path / "m.json", data, clip_model="typo")
+    with pytest.raises(InputError, match=f"^--clip_model={tmp_path}: no config.json in this folder"):
+        _quick(tmp_path / "m.json", data, clip_model=str(tmp_path))
+    marker = tmp_path / "unpickled"
+    pickled = tmp_path / "c3d_pickle.npz"
+    pickled.write_bytes(pickle.dumps({"conv1a.weight": _Marker(str(marker))}))
+    objects = tmp_path / "c3d_objects.npz"
+    np.savez(objects, mean=np.zeros((3, 16, 112, 112), np.float32), extra=np.array([_Marker(str(marker))], object))
+    for path in (pickled, objects):
+        with pytest.raises(InputError) as e:
+            _quick(tmp_path / "m.json", data, c3d_weights=str(path))
+        assert str(e.value).startswith(f"--c3d_weights={path}: holds pickled Python objects, which are never loaded")
+        assert "\n" not in str(e.value)
+    assert not marker.exists()
+    truncated = tmp_path / "c3d_truncated.npz"
+    truncated.write_bytes(objects.read_bytes()[:100])
+    with pytest.raises(InputError, match=f"^--c3d_weights={truncated}: cannot be read as .npz / .safetensors"):
+        _quick(tmp_path / "m.json", data, c3d_weights=str(truncated))
+    assert not (tmp_path / "m.json").exists()

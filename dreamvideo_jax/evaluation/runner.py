@@ -138,6 +138,41 @@ def _check_args(opts: Options) -> None:
         raise inputs.InputError("batch_size", opts.batch_size, "must be >= 0 (0 = the number of devices)")
     if opts.metric_batch_size <= 0:
         raise inputs.InputError("metric_batch_size", opts.metric_batch_size, "must be > 0")
+    # A metric network the user names must be there (metrics not asked for are skipped with a reason instead).
+    if opts.c3d_weights is not None and not os.path.isfile(opts.c3d_weights):
+        raise inputs.InputError("c3d_weights", opts.c3d_weights, "no such file (C3D-UCF101 weights, .npz or "
+                                "safetensors; see dreamvideo_jax.evaluation.c3d); leave the flag out to skip IS")
+    if opts.clip_model is not None and not os.path.isfile(os.path.join(opts.clip_model, "config.json")):
+        what = "no config.json in this folder" if os.path.isdir(opts.clip_model) else "no such folder"
+        raise inputs.InputError("clip_model", opts.clip_model, f"{what} (a transformers CLIPModel folder); leave the "
+                                "flag out to skip FFF_CLIP and CLIP-SIM")
+
+
+def _metric_networks(opts: Options) -> tuple:
+    """(C3D classifier, CLIP scorer) from the paths given (None where not given); a file that cannot be used is
+    an InputError naming its flag."""
+    from dreamvideo_jax.evaluation.c3d import C3DClassifier
+
+    c3d = clip = None
+    if opts.c3d_weights is not None:
+        try:
+            c3d = C3DClassifier.from_file(opts.c3d_weights, batch_size=opts.metric_batch_size)
+        except (ValueError, OSError) as e:  # unreadable, pickled, missing or mis-shaped tensors
+            raise inputs.InputError("c3d_weights", opts.c3d_weights, _without_path(e, opts.c3d_weights)) from None
+    if opts.clip_model is not None:
+        from dreamvideo_jax.evaluation.clip import CLIPScorer
+
+        try:
+            clip = CLIPScorer.from_pretrained(opts.clip_model, batch_size=4 * opts.metric_batch_size)
+        except (ValueError, OSError, KeyError) as e:
+            raise inputs.InputError("clip_model", opts.clip_model, _without_path(e, opts.clip_model)) from None
+    return c3d, clip
+
+
+def _without_path(e: BaseException, path: str) -> str:
+    """An error's message on one line, without a leading ``path: `` (the InputError names the path already)."""
+    msg = " ".join(str(e).split())
+    return msg[len(path) + 2 :] if msg.startswith(f"{path}: ") else f"{type(e).__name__}: {msg}"
 
 
 def _open_data(opts: Options, data_cfg):
@@ -314,8 +349,9 @@ def evaluate(opts: Options, config=None, *, mesh=None, on_batch: Callable[[int],
     source = _open_data(opts, data_cfg)
 
     short = opts.fvd and size[0] < MIN_FRAMES  # known now: do not load I3D for nothing
-    suite = MetricSuite(i3d=False if short else opts.fvd, c3d_weights=opts.c3d_weights, clip_model=opts.clip_model,
-                        shapes=shapes, batch_size=opts.metric_batch_size)
+    c3d, clip = _metric_networks(opts)
+    suite = MetricSuite(i3d=False if short else opts.fvd, c3d_weights=c3d, clip_model=clip, shapes=shapes,
+                        batch_size=opts.metric_batch_size)
     if short:
         suite.skipped["fvd"] = f"clips have {size[0]} frames; I3D needs >= {MIN_FRAMES} (16 is standard)"
     settings = _settings(opts, config, data_cfg, suite, size)

@@ -56,7 +56,7 @@ class MetricSuite:
                  is_splits: int = 10):  # fmt: skip
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
-        name = lambda x: x if isinstance(x, (str, type(None))) else type(x).__name__
+        name = lambda x: x if isinstance(x, (str, type(None))) else (getattr(x, "source", None) or type(x).__name__)
         self.settings = {"fvd_resize": fvd_resize, "covariance_ddof": ddof, "is_splits": is_splits,
                          "c3d_weights": name(c3d_weights), "clip_model": name(clip_model), "shapes": shapes}  # fmt: skip
         self.i3d = None
