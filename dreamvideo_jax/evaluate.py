@@ -22,7 +22,9 @@ or does not load is an error). OUTPUT also records N, frames,
 resolution, frame stride, sampler, steps, guidance, seed, dataset, split and checkpoint step.
 
 Resumable: the state is saved after every batch to OUTPUT.state.npz / OUTPUT.state.json; rerunning the same
-command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh).
+command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh, also
+when the saved state is unreadable). Real clips shorter than the frames asked are padded with their last frame:
+the protocol counts them and ``notes`` warns (FVD against padded clips is biased).
 Sampling knobs (steps, sampler, guidance, seed, size) are `--config.sample.*` keys (`dreamvideo_jax/sampling/config.py`).
 Exit code 0 on success; 2 with a one-line ``error: --flag=value: reason`` on bad input; 1 when the run fails.
 """

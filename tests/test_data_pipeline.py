@@ -255,3 +255,20 @@ def test_bad_record_limit_names_the_dataset(cfg, tok, monkeypatch):
     with pytest.raises(DataError, match=f"^{path} split 'train': "):
         next(it)
     it.close()
+
+
+def test_eval_frame_info_reports_padding_and_stride(cfg, tok):
+    """with_frame_info: how many frames each record held, how many copies of its last frame were appended, and
+    the stride actually used."""
+    c = cfg.copy_and_resolve_references()
+    c.num_frames, c.frame_stride, c.height, c.width = 4, 2, 8, 8
+    rng = np.random.default_rng(0)
+    recs = [{"video": rng.integers(0, 255, (t, 8, 8, 3), dtype=np.uint8), "caption": b"x"} for t in (9, 5, 2)]
+    it = pipeline.make_eval_iterator(c, batch_size=3, tokenizer=tok, source=recs, with_metadata=False,
+                                     with_frame_info=True)  # fmt: skip
+    b = next(it)
+    it.close()
+    assert b["source_frames"].tolist() == [9, 5, 2]
+    assert b["padded_frames"].tolist() == [0, 0, 2]
+    assert b["stride_used"].tolist() == [2, 1, 1]
+    np.testing.assert_array_equal(b["video"][2, 1], b["video"][2, 3])  # the last frame repeated

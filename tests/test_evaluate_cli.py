@@ -50,6 +50,7 @@ def test_metrics_protocol_and_resume_after_an_interruption(data_dir, tmp_path):
     assert (p["image_guidance"], p["text_guidance"]) == (1.5, 7.5)
     assert (p["dataset"], p["split"]) == ("moving_shapes", "validation")
     assert "checkpoint_step" in p and p["weights"].startswith("random weights")
+    assert p["real_frames"] == 4 and p["real_clips_padded"] == 0 and "real_clips_stride_reduced" not in p
     m = full["metrics"]
     assert {"fff_ssim", "direction_accuracy", "identity_retention", "colour_accuracy"} <= set(m)
     assert "I3D needs >= 9" in full["skipped"]["fvd"]
@@ -143,6 +144,24 @@ def _quick(output, data_dir, stored_frames=8, stride=1, messages=None, on_batch=
                           dataset="moving_shapes", batch_size=2, shapes=False, **kw)  # fmt: skip
     echo = messages.append if messages is not None else (lambda *_: None)
     return runner.evaluate(opts, config, on_batch=on_batch, echo=echo)
+
+
+def test_padded_real_clips_are_counted_and_warned(tmp_path, no_model):
+    """Real clips of 3 frames evaluated at 4 frames, stride 2: padded with their last frame (and read at stride 1);
+    the protocol counts them, the notes and the output warn, and a resumed run keeps the counts."""
+    messages = []
+    out = _quick(tmp_path / "m.json", tmp_path / "data", stored_frames=3, stride=2, messages=messages)
+    p = out["protocol"]
+    assert (p["real_frames"], p["real_clips_padded"], p["real_frames_padded_max"]) == (4, 5, 1)
+    assert p["real_clips_stride_reduced"] == 5
+    padded = [n for n in out["notes"] if n.startswith("WARNING: 5 of 5 real clips hold fewer than the 4 frames")]
+    assert len(padded) == 1 and "padded by repeating their last frame" in padded[0] and "FVD" in padded[0]
+    assert any(n.startswith("WARNING: 5 of 5 real clips are shorter than 4 frames at stride 2") for n in out["notes"])
+    assert padded[0] in messages
+    with pytest.raises(_Stop):
+        _quick(tmp_path / "r.json", tmp_path / "data", stored_frames=3, stride=2, on_batch=_raise)
+    resumed = _quick(tmp_path / "r.json", tmp_path / "data", stored_frames=3, stride=2)
+    assert resumed["protocol"] == p and resumed["notes"] == out["notes"]
 
 
 def _raise(done):

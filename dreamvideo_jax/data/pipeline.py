@@ -228,11 +228,17 @@ def _as_video(x) -> np.ndarray:
     return v
 
 
-def frame_indices(num_available: int, num_frames: int, stride: int, start: int | None) -> np.ndarray:
-    """Indices of a clip window; shrinks the stride for short videos, then repeats the last frame."""
+def fit_stride(num_available: int, num_frames: int, stride: int) -> int:
+    """The stride a clip window uses: ``stride``, shrunk until ``num_frames`` fit in ``num_available`` (or 1)."""
     stride = max(1, stride)
     while stride > 1 and (num_frames - 1) * stride + 1 > num_available:
         stride -= 1
+    return stride
+
+
+def frame_indices(num_available: int, num_frames: int, stride: int, start: int | None) -> np.ndarray:
+    """Indices of a clip window; shrinks the stride for short videos, then repeats the last frame."""
+    stride = fit_stride(num_available, num_frames, stride)
     span = (num_frames - 1) * stride + 1
     start = 0 if start is None else int(np.clip(start, 0, max(0, num_available - span)))
     return np.minimum(start + np.arange(num_frames) * stride, num_available - 1)
@@ -270,6 +276,7 @@ class ClipTransform:
     random_caption: bool = True
     with_captions: bool = False
     with_metadata: bool = False
+    with_frame_info: bool = False  # add source_frames / padded_frames / stride_used (evaluation protocols)
     guard: BadRecordGuard | None = None  # training: stops a pipeline whose records keep failing
 
     def __post_init__(self):
@@ -327,6 +334,10 @@ class ClipTransform:
         }
         if self.with_captions:
             out["caption"] = caption.encode("utf-8")
+        if self.with_frame_info:
+            out["source_frames"] = np.int32(t)  # frames the record holds
+            out["padded_frames"] = np.int32(max(0, self.num_frames - t))  # copies of the last frame appended
+            out["stride_used"] = np.int32(fit_stride(t, self.num_frames, self.frame_stride))
         if self.with_metadata:
             for k, v in record.items():
                 if k in ("video", "captions", "_index", "caption") or k in out:
@@ -365,7 +376,8 @@ def _local_batch(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metadata: bool) -> ClipTransform:
+def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metadata: bool,
+               with_frame_info: bool = False) -> ClipTransform:
     if tokenizer is None:
         tokenizer = tokenizer_lib.clip_tokenizer()
     return ClipTransform(
@@ -381,6 +393,7 @@ def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metad
         random_caption=bool(data_cfg.get("random_caption", True)),
         with_captions=with_captions,
         with_metadata=with_metadata,
+        with_frame_info=with_frame_info,
     )
 
 
@@ -498,6 +511,7 @@ def make_eval_iterator(
     num_examples: int | None = None,
     with_captions: bool = True,
     with_metadata: bool = True,
+    with_frame_info: bool = False,
     source=None,
 ) -> grain.DatasetIterator:
     """One deterministic pass over an evaluation split.
@@ -505,7 +519,10 @@ def make_eval_iterator(
     Clips start at frame 0 (no randomness, centre crop); records are split round-robin over processes and the
     last batches are padded so every process yields the same number of batches. Each batch has ``mask`` (bool
     [B]) marking real examples, plus ``caption`` and the record's metadata (``label``; for moving_shapes
-    ``motion``, ``shape``, ``colour``, ``centroids`` of the selected frames, ...) when requested.
+    ``motion``, ``shape``, ``colour``, ``centroids`` of the selected frames, ...) when requested. With
+    ``with_frame_info``, ``source_frames`` (frames the record holds), ``padded_frames`` (copies of its last frame
+    appended because it is shorter than ``num_frames``) and ``stride_used`` (the frame stride, shrunk for short
+    records), int32 [B] each.
     """
     local = _local_batch(batch_size, process_count)
     split = split or data_cfg.get("eval_split", "validation")
@@ -513,7 +530,7 @@ def make_eval_iterator(
     n = len(source) if num_examples is None else min(len(source), int(num_examples))
     idx = eval_indices(n, process_index, process_count, local)
     safe = _SafeSource(source)
-    transform = _transform(data_cfg, tokenizer, False, with_captions, with_metadata)
+    transform = _transform(data_cfg, tokenizer, False, with_captions, with_metadata, with_frame_info)
     template: dict = {}
 
     def read(i):

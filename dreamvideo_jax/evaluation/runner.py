@@ -3,7 +3,12 @@
 For each of the first ``num_samples`` clips of an evaluation split (a deterministic pass, clips start at frame 0)
 we generate a video from the clip's first frame and caption, and stream (real clip, generated clip, caption) into
 a :class:`~dreamvideo_jax.evaluation.suite.MetricSuite`. Every metric whose reference network is available is
-computed; the others are listed under ``skipped`` with the reason.
+computed; the others are listed under ``skipped`` with the reason. A network the user names
+(``c3d_weights=``, ``clip_model=``) must exist and load, else an InputError names the flag.
+
+Real clips shorter than the frames asked are padded with their last frame (and read with a smaller stride when
+too short for the stride asked): the protocol counts them (``real_clips_padded``, ``real_frames_padded_max``,
+``real_clips_stride_reduced``) and ``notes`` carries a WARNING, since FVD against padded clips is biased.
 
 Datasets (``dataset=``):
 
@@ -281,7 +286,7 @@ def _generate_and_score(opts: Options, config, data_cfg, source, suite, settings
     bs = opts.batch_size or (mesh.size if mesh is not None else jax.local_device_count())
     it = data_pipeline.make_eval_iterator(data_cfg, batch_size=bs, split=data_cfg.eval_split,
                                num_examples=opts.num_samples - done, with_captions=True, with_metadata=False,
-                               source=_Offset(source, done))
+                               with_frame_info=True, source=_Offset(source, done))
     state_npz, state_json = state_paths(opts.output)
     write_json(state_json, {"settings": settings, "weights": loaded.source, "checkpoint_step": loaded.step},
                sort_keys=True)
@@ -303,7 +308,8 @@ def _generate_and_score(opts: Options, config, data_cfg, source, suite, settings
                                 num_frames=frames, height=height, width=width, progress=False)[keep]
             n = int(keep.sum())
             suite.update(np.asarray(batch["video"])[keep], fake, [c for c, k in zip(captions, keep) if k],
-                         first_frames=np.asarray(batch["image"])[keep])
+                         first_frames=np.asarray(batch["image"])[keep],
+                         real_source_frames=np.asarray(batch["source_frames"])[keep])
             done += n
             suite.save(state_npz)
             if bar is not None:
@@ -372,11 +378,31 @@ def evaluate(opts: Options, config=None, *, mesh=None, on_batch: Callable[[int],
         "checkpoint_step": loaded_step if loaded_step is not None else opts.step, "ema": bool(opts.ema),
         "weights": source_desc, **res["protocol"],
     }  # fmt: skip
-    out = {"metrics": res["metrics"], "skipped": res["skipped"], "protocol": protocol, "notes": res["notes"]}
+    notes = list(res["notes"])
+    _note_short_clips(suite, protocol, notes)
+    out = {"metrics": res["metrics"], "skipped": res["skipped"], "protocol": protocol, "notes": notes}
     os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
     write_json(opts.output, out, sort_keys=True)
     line = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
     echo(f"wrote {opts.output}: {line or 'no metrics'}")
     for k, why in res["skipped"].items():
         echo(f"skipped {k}: {why}")
+    for note in notes:
+        if note.startswith("WARNING"):
+            log.warning("%s", note)
+            echo(note)
     return out
+
+
+def _note_short_clips(suite, protocol: dict, notes: list) -> None:
+    """Counts the real clips too short for the frame stride asked (read with a smaller one) in the protocol."""
+    stride, frames = int(protocol["stride"]), int(protocol["frames"])
+    src = np.asarray(suite.real_source_frames, np.int64)
+    if stride <= 1 or not len(src):
+        return
+    reduced = int(((src >= 0) & (src < (frames - 1) * stride + 1)).sum())
+    protocol["real_clips_stride_reduced"] = reduced
+    if reduced:
+        notes.append(f"WARNING: {reduced} of {len(src)} real clips are shorter than {frames} frames at stride "
+                     f"{stride} ({(frames - 1) * stride + 1} frames) and were read with a smaller stride: their "
+                     "motion is slower than the generated clips'")
