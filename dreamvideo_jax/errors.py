@@ -26,6 +26,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint, base or workdir that cannot be used (missing, unreadable, incompatible)."""
 
 
+class DataError(UserError, RuntimeError):
+    """A dataset that cannot be used (e.g. none of its records can be read)."""
+
+
 class WorkdirError(UserError, RuntimeError):
     """The workdir cannot be created or written."""
 

@@ -17,11 +17,14 @@ Datasets: ``moving_shapes`` (built on first use), ``video_folder`` (a build of `
 
 Metrics: FVD (I3D, clips of >= 9 frames), IS (C3D-UCF101, ``--c3d_weights``, 16-frame clips), FFF_CLIP and
 CLIP-SIM (``--clip_model``, a transformers CLIPModel folder), FFF_SSIM (always), and the moving-shapes metrics.
-Those whose network is missing are listed under ``skipped`` with the reason. OUTPUT also records N, frames,
+Those whose network is not given are listed under ``skipped`` with the reason (a path given that does not exist
+or does not load is an error). OUTPUT also records N, frames,
 resolution, frame stride, sampler, steps, guidance, seed, dataset, split and checkpoint step.
 
 Resumable: the state is saved after every batch to OUTPUT.state.npz / OUTPUT.state.json; rerunning the same
-command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh).
+command continues where it stopped (a larger --num_samples extends a finished run; --restart starts afresh, also
+when the saved state is unreadable). Real clips shorter than the frames asked are padded with their last frame:
+the protocol counts them and ``notes`` warns (FVD against padded clips is biased).
 Sampling knobs (steps, sampler, guidance, seed, size) are `--config.sample.*` keys (`dreamvideo_jax/sampling/config.py`).
 Exit code 0 on success; 2 with a one-line ``error: --flag=value: reason`` on bad input; 1 when the run fails.
 """
@@ -56,8 +59,10 @@ flags.DEFINE_integer("num_samples", None, "Number of clips (the first N of the s
 flags.DEFINE_string("output", None, "Metrics file (.json).")
 flags.DEFINE_integer("batch_size", 0, "Clips generated per batch (0 = the number of devices).")
 flags.DEFINE_integer("metric_batch_size", 8, "Batch size of the metric networks.")
-flags.DEFINE_string("c3d_weights", None, "C3D-UCF101 weights file for IS (absent: IS skipped).")
-flags.DEFINE_string("clip_model", None, "transformers CLIPModel folder for FFF_CLIP / CLIP-SIM (absent: skipped).")
+flags.DEFINE_string("c3d_weights", None, "C3D-UCF101 weights file for IS (not given: IS skipped; given, it must "
+                    "exist and load).")
+flags.DEFINE_string("clip_model", None, "transformers CLIPModel folder for FFF_CLIP / CLIP-SIM (not given: "
+                    "skipped; given, it must exist and load).")
 flags.DEFINE_bool("fvd", True, "Compute FVD when clips are long enough (--nofvd: skip it).")
 flags.DEFINE_bool("shapes", None, "Moving-shapes metrics (default: on for --dataset=moving_shapes).")
 flags.DEFINE_bool("restart", False, "Discard a saved state of an earlier run instead of resuming it.")

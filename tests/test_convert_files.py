@@ -267,3 +267,24 @@ def test_kind_mismatch_and_unsupported_class(clip_dir, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(CheckpointError, match="unsupported component 'UNet2DConditionModel'"):
         load_component(d)
+
+
+def test_index_entries_leading_out_of_the_folder_are_refused(tmp_path):
+    """weight_map values that are absolute or climb out with '..' are refused naming the index and the entry,
+    before any file they name is opened."""
+    model = _clip()
+    model.save_pretrained(tmp_path / "s", max_shard_size="8KB")
+    index_path = tmp_path / "s" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    shutil.copy(tmp_path / "s" / shard, tmp_path / shard)  # a real shard, outside the component folder
+    key = next(k for k, v in index["weight_map"].items() if v == shard)
+    for i, bad in enumerate((f"../{shard}", str(tmp_path / shard), "/etc/passwd", f"sub/../../{shard}")):
+        d = _copy(tmp_path / "s", tmp_path / f"bad{i}")
+        index["weight_map"][key] = bad
+        (tmp_path / f"bad{i}" / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError) as e:
+            load_component(d)
+        msg = str(e.value)
+        assert msg.startswith(os.path.join(d, "model.safetensors.index.json") + ": ") and "\n" not in msg
+        assert f"weight_map entry {key!r}: {bad!r}" in msg and "no absolute path, no '..'" in msg

@@ -207,3 +207,39 @@ def test_cli_subprocess_components_given_separately(snapshot, converted, tmp_pat
                                   leaf(ref_params).astype(jax.numpy.bfloat16).astype(np.float32))
     tok = load_tokenizer(str(dst / "tokenizer"))
     np.testing.assert_array_equal(tokenize(tok, PROMPTS), tokenize(load_tokenizer(f"{src}/tokenizer"), PROMPTS))
+
+
+def test_dst_overlapping_an_input_is_refused(snapshot, tmp_path, capsys):
+    """--dst equal to, above or inside the snapshot (or a component given separately) is refused before anything
+    is read or written, even with --overwrite; the snapshot is left as it was."""
+    src, _ = snapshot
+    before = sorted(os.path.relpath(os.path.join(r, f), src) for r, _, fs in os.walk(src) for f in fs)
+
+    def refused(*argv):
+        capsys.readouterr()
+        rc = main([*argv, "--overwrite"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("error: --dst=") and "\n" not in err, err
+        return err
+
+    parent = os.path.dirname(src)
+    assert f"is the same folder as the input --src={src}" in refused(f"--src={src}", f"--dst={src}")
+    assert f"--dst={parent}: contains the input --src={src}" in refused(f"--src={src}", f"--dst={parent}")
+    assert "lies inside the input --src=" in refused(f"--src={src}", f"--dst={src}/unet")
+    assert "lies inside the input --src=" in refused(f"--src={src}", f"--dst={src}/new_output")
+    link = tmp_path / "link"
+    os.symlink(src, link)  # the same folder under another name
+    assert "is the same folder as the input --src=" in refused(f"--src={src}", f"--dst={link}")
+    # Components given separately, and component folders found through --src.
+    err = refused(f"--unet={src}/unet", f"--vae={src}/vae", f"--text_encoder={src}/text_encoder",
+                  f"--dst={src}/vae")
+    assert f"lies inside the input --vae={src}/vae" in err or f"is the same folder as the input --vae={src}/vae" in err
+    elsewhere = tmp_path / "elsewhere"
+    os.makedirs(elsewhere / "snap")
+    os.symlink(os.path.join(src, "unet"), elsewhere / "snap" / "unet")
+    for name in ("vae", "text_encoder"):
+        os.symlink(os.path.join(src, name), elsewhere / "snap" / name)
+    err = refused(f"--src={elsewhere / 'snap'}", f"--dst={src}")
+    assert "contains the input unet folder" in err and "of --src" in err
+    after = sorted(os.path.relpath(os.path.join(r, f), src) for r, _, fs in os.walk(src) for f in fs)
+    assert after == before

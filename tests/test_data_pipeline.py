@@ -191,3 +191,84 @@ def test_worker_processes_give_the_same_batches(cfg, tok):
     it.close()
     assert all(_equal(x, y) for x, y in zip(a, b))
     assert _equal(again, a[2])
+
+
+class _AllBadSource:
+    """Every record fails: unreadable (read raises) or unusable (no decodable video)."""
+
+    def __init__(self, n, unreadable):
+        self.n, self.unreadable, self.reads = n, unreadable, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.unreadable:
+            raise OSError(f"corrupt record {i}")
+        return {"video": np.zeros((0, 4, 4, 3), np.uint8), "caption": b"no frames"}
+
+
+@pytest.mark.parametrize("unreadable", [True, False])
+def test_all_records_bad_stops_with_an_error(cfg, tok, unreadable):
+    """A split with no usable record raises DataError out of next() (after a bounded number of reads)
+    instead of skipping forever."""
+    from dreamvideo_jax.errors import DataError, UserError
+
+    c = cfg.copy_and_resolve_references()
+    c.num_frames, c.height, c.width = 4, 8, 8
+    src = _AllBadSource(5, unreadable)
+    it = pipeline.make_train_iterator(c, batch_size=2, seed=0, tokenizer=tok, source=src)
+    with pytest.raises(DataError) as e:
+        next(it)
+    it.close()
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert msg.startswith("split 'train' of the given _AllBadSource: ") and "records in a row could not be read" in msg
+    assert ("OSError: corrupt record" if unreadable else "not a video") in msg
+    assert src.reads < 100  # 2 * 5 records + the reads in flight, not the default 1000
+    # A large split stops at data.max_bad_records.
+    c.max_bad_records = 30
+    big = _AllBadSource(10_000, unreadable)
+    it = pipeline.make_train_iterator(c, batch_size=2, seed=0, tokenizer=tok, source=big)
+    with pytest.raises(DataError, match="30 records in a row"):
+        next(it)
+    it.close()
+    assert big.reads < 100
+
+
+def test_bad_record_limit_names_the_dataset(cfg, tok, monkeypatch):
+    """On a built dataset the error names its folder and split."""
+    from dreamvideo_jax.errors import DataError
+
+    c = cfg.copy_and_resolve_references()
+    c.num_frames, c.height, c.width = 4, 8, 8
+    path = pipeline.dataset_path(c)
+    real = pipeline._open_source
+
+    def broken(data_cfg, split=None):
+        src, p = real(data_cfg, split)
+        return _AllBadSource(len(src), True), p
+
+    monkeypatch.setattr(pipeline, "_open_source", broken)
+    it = pipeline.make_train_iterator(c, batch_size=2, seed=0, tokenizer=tok)
+    with pytest.raises(DataError, match=f"^{path} split 'train': "):
+        next(it)
+    it.close()
+
+
+def test_eval_frame_info_reports_padding_and_stride(cfg, tok):
+    """with_frame_info: how many frames each record held, how many copies of its last frame were appended, and
+    the stride actually used."""
+    c = cfg.copy_and_resolve_references()
+    c.num_frames, c.frame_stride, c.height, c.width = 4, 2, 8, 8
+    rng = np.random.default_rng(0)
+    recs = [{"video": rng.integers(0, 255, (t, 8, 8, 3), dtype=np.uint8), "caption": b"x"} for t in (9, 5, 2)]
+    it = pipeline.make_eval_iterator(c, batch_size=3, tokenizer=tok, source=recs, with_metadata=False,
+                                     with_frame_info=True)  # fmt: skip
+    b = next(it)
+    it.close()
+    assert b["source_frames"].tolist() == [9, 5, 2]
+    assert b["padded_frames"].tolist() == [0, 0, 2]
+    assert b["stride_used"].tolist() == [2, 1, 1]
+    np.testing.assert_array_equal(b["video"][2, 1], b["video"][2, 3])  # the last frame repeated

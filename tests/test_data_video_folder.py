@@ -222,3 +222,55 @@ def test_write_video_and_load_image_round_trip(tmp_path):
     Image.fromarray(video_io.to_uint8(frames[0])).save(tmp_path / "img.png")
     img = video_io.load_image(str(tmp_path / "img.png"), 16, 16)
     assert img.shape == (16, 16, 3) and img.dtype == np.float32 and -1 <= img.min() and img.max() <= 1
+
+
+def _tiny_source(d, names=("a.mkv",), frames=8, rows=None):
+    """A folder of tiny lossless clips (16x16, `frames` frames) and a caption file (default: one row per clip)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in names:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        _encode(d / name, rng.integers(0, 255, (frames, 16, 16, 3), dtype=np.uint8), "ffv1", "bgr0")
+    rows = rows if rows is not None else [f"{n},clip {n}" for n in names]
+    (d / "captions.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    return d
+
+
+def test_default_size_builds(tmp_path):
+    """The default build (256x256, 32 frames) and the same size spelled out both build (and the second run of
+    the same build is a rebuild, not a clash with a config of the same name)."""
+    src = _tiny_source(tmp_path / "v")
+    res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1)
+    assert res.config_name == "256x256_32f_stride1" and res.report.written == {"train": 1}
+    again = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1,
+                                height=256, width=256, center_crop=True, overwrite=True)  # fmt: skip
+    assert not again.existed and again.path == res.path and again.report.written == {"train": 1}
+    import tensorflow_datasets as tfds
+
+    rec = tfds.builder_from_directory(res.path).as_data_source("train")[0]
+    assert rec["video"].shape == (8, 256, 256, 3) and rec["caption"] == b"clip a.mkv"
+
+
+def test_paths_leading_out_of_source_dir_are_skipped_and_counted(tmp_path):
+    """Caption rows naming '..' or absolute paths, and symlinks resolving outside, never pull a video in."""
+    outside = _tiny_source(tmp_path / "outside", names=("x.mkv",))
+    src = tmp_path / "v"
+    src.mkdir()
+    (src / "sub").mkdir()
+    os.symlink(outside / "x.mkv", src / "link.mkv")  # a file inside pointing out
+    os.symlink(outside, src / "sub" / "dirlink")  # a folder inside pointing out
+    rows = ["in.mkv,inside", "../outside/x.mkv,dotdot", f"{outside / 'x.mkv'},absolute", "link.mkv,symlink",
+            "sub/../../outside/x.mkv,dotdot in the middle", "sub/dirlink/x.mkv,through a linked folder"]  # fmt: skip
+    _tiny_source(src, names=("in.mkv",), rows=rows)
+    res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), height=16, width=16,
+                              max_frames=8, min_frames=4, num_workers=1)  # fmt: skip
+    assert res.report.written == {"train": 1}
+    assert res.report.skipped == {"outside_source_dir": 4}  # 'sub/../../outside/x.mkv' is '../outside/x.mkv' 
+    saved = build.load_report(res.path)
+    named = {x["path"]: x["message"] for x in saved.examples if x["reason"] == "outside_source_dir"}
+    assert set(named) == {"../outside/x.mkv", str(outside / "x.mkv"), "link.mkv", "sub/dirlink/x.mkv"}
+    assert "symlink" in named["link.mkv"] and "'..'" in named["../outside/x.mkv"]
+    import tensorflow_datasets as tfds
+
+    ds = tfds.builder_from_directory(res.path).as_data_source("train")
+    assert [r["path"] for r in ds] == [b"in.mkv"]

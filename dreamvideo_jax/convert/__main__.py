@@ -9,8 +9,9 @@ layout, with `--unet_config=config.json` unless it is the ms-1.7b architecture),
 `--text_encoder=DIR`, `--tokenizer=DIR` (absent: the CLIP tokenizer is built from open-clip-torch's vocabulary).
 
 OUT_DIR receives the base checkpoint (orbax parameters of unet/text_encoder/vae + model_config.json; use it as
-the training config's `init_from`), `tokenizer/` and `conversion.json`. Exit status 0 on success, 1 with a
-one-line `error:` message on bad input (missing files, pickles, truncated files, mismatched weights, ...).
+the training config's `init_from`), `tokenizer/` and `conversion.json`. OUT_DIR must not be, contain or lie inside
+an input (SNAPSHOT_DIR or a component). Exit status 0 on success, 1 with a one-line `error:` message on bad input
+(missing files, pickles, truncated files, mismatched weights, ...), 2 for bad flags (e.g. such an OUT_DIR).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dreamvideo_jax.convert.snapshot import convert_snapshot
     from dreamvideo_jax.convert.torch_to_flax import ConversionError
     from dreamvideo_jax.convert.weights import CheckpointError
+    from dreamvideo_jax.errors import InputError
 
     try:
         summary = convert_snapshot(
@@ -93,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             unet_config=fv.unet_config, variant=fv.variant, allow_pickle=fv.allow_pickle,
             param_dtype=fv.param_dtype, text_output_layer=fv.text_output_layer, overwrite=fv.overwrite,
             dry_run=fv.dry_run)
+    except InputError as e:  # a bad argument (e.g. --dst overlapping an input)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ConversionError, CheckpointError, OSError, ValueError) as e:
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: {msg}", file=sys.stderr)

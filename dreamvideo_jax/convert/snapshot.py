@@ -11,7 +11,8 @@
     counts).
 Each component can come from elsewhere (`unet=`, `vae=`, ... override the snapshot's folders; `unet=` may be a
 single ModelScope-layout `.safetensors` file). Output is written to a temporary folder beside `dst` and moved
-into place at the end, so a failed conversion leaves nothing half-written.
+into place at the end, so a failed conversion leaves nothing half-written; a `dst` that is, contains or lies inside
+an input (the snapshot or a component) is refused before anything is read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ml_collections
 
 from dreamvideo_jax.convert.components import Component, convert_component
 from dreamvideo_jax.convert.weights import CheckpointError
+from dreamvideo_jax.errors import InputError
 from dreamvideo_jax.models.build import check_model_config, model_defaults
 from dreamvideo_jax.models.text_encoder import TextConfig
 from dreamvideo_jax.models.unet3d import UNetConfig
@@ -79,6 +81,24 @@ def _tokenizer(src: Optional[str], out: str) -> str:
     return where
 
 
+def _refuse_overlap(dst: str, inputs: list[tuple[str, str]]) -> None:
+    """Raises InputError when `dst` is an input path, lies inside one, or contains one (symlinks resolved):
+    writing there, or replacing it with --overwrite, would change or delete the inputs."""
+    out = os.path.realpath(dst)
+    for label, path in inputs:
+        real = os.path.realpath(path)
+        if out == real:
+            how = "is the same folder as"
+        elif os.path.commonpath([out, real]) == real:
+            how = "lies inside"
+        elif os.path.commonpath([out, real]) == out:
+            how = "contains"
+        else:
+            continue
+        raise InputError("dst", dst, f"{how} the input {label}; writing the output there would change or delete "
+                         "the inputs: choose an output folder outside them")
+
+
 def _describe(c: Component) -> dict:
     return dict(kind=c.kind, source=c.source, layout=c.layout, source_dtypes=c.source_dtypes,
                 ignored_keys=c.ignored, num_params=c.num_params, config=dataclasses.asdict(c.config))
@@ -119,6 +139,7 @@ def convert_snapshot(
         raise ValueError(f"param_dtype={param_dtype!r}; use one of {PARAM_DTYPES}")
     if src is not None and not os.path.isdir(src):
         raise FileNotFoundError(f"{src}: no such snapshot folder")
+    given = dict(src=src, unet=unet, unet_config=unet_config, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     paths = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     for name in COMPONENTS:
         if paths[name] is None:
@@ -128,6 +149,9 @@ def convert_snapshot(
     if tokenizer is None and src is not None and os.path.isdir(os.path.join(src, "tokenizer")):
         tokenizer = os.path.join(src, "tokenizer")
     dst = os.path.abspath(dst)
+    derived = {k: v for k, v in dict(paths, tokenizer=tokenizer).items() if given[k] is None and v is not None}
+    _refuse_overlap(dst, [(f"--{k}={v}", v) for k, v in given.items() if v is not None]
+                    + [(f"{k} folder {v} of --src", v) for k, v in derived.items()])
     if not dry_run and os.path.exists(dst):
         if not os.path.isdir(dst):
             raise FileExistsError(f"{dst}: exists and is not a folder")

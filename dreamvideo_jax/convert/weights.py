@@ -180,6 +180,14 @@ def _open_index(index_path: str) -> Weights:
             weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: not a safetensors index ('weight_map' is not a JSON object)")
+    for name, shard in weight_map.items():
+        # Lexical check only: the files themselves may be symlinks (the Hugging Face cache links them to blobs).
+        if not isinstance(shard, str) or not shard or os.path.isabs(shard) or (
+                os.path.normpath(shard).split(os.sep)[0] == ".."):
+            raise CheckpointError(f"{index_path}: weight_map entry {name!r}: {shard!r} is not a file name inside "
+                                  f"{folder or '.'}; shard names must be relative (no absolute path, no '..')")
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
     if missing:

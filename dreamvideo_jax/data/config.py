@@ -31,6 +31,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.worker_count = 0  # grain worker processes (0 = threads in this process)
     c.read_threads = 2  # threads reading and transforming records
     c.prefetch = 2  # batches prefetched (per worker when worker_count > 0)
+    # Training stops with an error after this many unusable records in a row (0 = skip them forever).
+    c.max_bad_records = 1000
     # Synthetic data: built into data_dir on first use when missing (idempotent, safe when processes race).
     c.auto_build = True
     c.build = ml_collections.ConfigDict()

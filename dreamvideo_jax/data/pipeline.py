@@ -15,8 +15,11 @@ number of threads or worker processes. The returned iterator is a ``grain.Datase
 ``get_state()`` / ``set_state()`` round-trip exactly, and ``grain.checkpoint.CheckpointSave`` /
 ``CheckpointRestore`` store it with orbax.
 
-Records that cannot be read or converted are skipped with a warning (never an exception); clips shorter than
-``(num_frames - 1) * frame_stride + 1`` use a smaller stride, then repeat their last frame.
+Records that cannot be read or converted are skipped with a warning; clips shorter than
+``(num_frames - 1) * frame_stride + 1`` use a smaller stride, then repeat their last frame. A training pipeline
+whose records keep failing stops instead of skipping forever: after ``data.max_bad_records`` unusable records in a
+row (or twice the split's length, when that is smaller: a whole epoch without one usable record), ``next()``
+raises :class:`dreamvideo_jax.errors.DataError` naming the dataset and split.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 from dreamvideo_jax.data import build as build_lib
 from dreamvideo_jax.data import tokenizer as tokenizer_lib
 from dreamvideo_jax.data import video_io
+from dreamvideo_jax.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,11 @@ def dataset_path(data_cfg) -> str:
 
 def open_source(data_cfg, split: str | None = None):
     """Random-access source (``len``, ``[i]`` → dict of numpy / bytes) of a split, via tfds without TensorFlow."""
+    return _open_source(data_cfg, split)[0]
+
+
+def _open_source(data_cfg, split: str | None = None):
+    """(source, version folder) of a split."""
     import tensorflow_datasets as tfds
 
     path = dataset_path(data_cfg)
@@ -129,14 +138,52 @@ def open_source(data_cfg, split: str | None = None):
     split = split or data_cfg.split
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {path} (splits: {sorted(builder.info.splits)})")
-    return builder.as_data_source(split)
+    return builder.as_data_source(split), path
+
+
+class BadRecordGuard:
+    """Counts unusable records in a row and raises :class:`DataError` at ``limit`` (0: never).
+
+    Shared by the reading and the transforming step of one pipeline (a record can fail in either); a usable
+    record resets the count. Picklable: each grain worker process counts its own records.
+    """
+
+    def __init__(self, limit: int, where: str):
+        self.limit, self.where = int(limit), where
+        self._run = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.pop("_lock")
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._lock = threading.Lock()
+
+    def ok(self) -> None:
+        with self._lock:
+            self._run = 0
+
+    def bad(self, reason: str) -> None:
+        with self._lock:
+            self._run += 1
+            n = self._run
+        if self.limit > 0 and n >= self.limit:
+            raise DataError(
+                f"{self.where}: {self.limit} records in a row could not be read or used, none usable in between "
+                f"(last: {' '.join(reason.split())[:300]}); the dataset looks corrupt: rebuild it with "
+                "`python -m dreamvideo_jax.data.build ... --overwrite`, or raise data.max_bad_records"
+            )
 
 
 class _SafeSource:
     """Wraps a data source so a record that fails to read becomes None (skipped) instead of an exception."""
 
-    def __init__(self, source):
+    def __init__(self, source, guard: BadRecordGuard | None = None):
         self._source = source
+        self._guard = guard
 
     def __len__(self) -> int:
         return len(self._source)
@@ -146,7 +193,10 @@ class _SafeSource:
         try:
             rec = dict(self._source[index])
         except Exception as e:  # noqa: BLE001 - a corrupt record must not stop training
-            _count("unreadable_record", f"record {index}: {type(e).__name__}: {e}")
+            msg = f"record {index}: {one_line(e)}"
+            _count("unreadable_record", msg)
+            if self._guard is not None:
+                self._guard.bad(f"unreadable {msg}")
             return None
         rec["_index"] = index
         return rec
@@ -178,11 +228,17 @@ def _as_video(x) -> np.ndarray:
     return v
 
 
-def frame_indices(num_available: int, num_frames: int, stride: int, start: int | None) -> np.ndarray:
-    """Indices of a clip window; shrinks the stride for short videos, then repeats the last frame."""
+def fit_stride(num_available: int, num_frames: int, stride: int) -> int:
+    """The stride a clip window uses: ``stride``, shrunk until ``num_frames`` fit in ``num_available`` (or 1)."""
     stride = max(1, stride)
     while stride > 1 and (num_frames - 1) * stride + 1 > num_available:
         stride -= 1
+    return stride
+
+
+def frame_indices(num_available: int, num_frames: int, stride: int, start: int | None) -> np.ndarray:
+    """Indices of a clip window; shrinks the stride for short videos, then repeats the last frame."""
+    stride = fit_stride(num_available, num_frames, stride)
     span = (num_frames - 1) * stride + 1
     start = 0 if start is None else int(np.clip(start, 0, max(0, num_available - span)))
     return np.minimum(start + np.arange(num_frames) * stride, num_available - 1)
@@ -220,6 +276,8 @@ class ClipTransform:
     random_caption: bool = True
     with_captions: bool = False
     with_metadata: bool = False
+    with_frame_info: bool = False  # add source_frames / padded_frames / stride_used (evaluation protocols)
+    guard: BadRecordGuard | None = None  # training: stops a pipeline whose records keep failing
 
     def __post_init__(self):
         self._cache: dict[str, np.ndarray] = {}
@@ -243,10 +301,16 @@ class ClipTransform:
         if record is None:
             return None
         try:
-            return self._apply(record, rng)
+            out = self._apply(record, rng)
         except Exception as e:  # noqa: BLE001 - a bad record must not stop training
-            _count("bad_record", f"record {record.get('_index')}: {type(e).__name__}: {e}")
+            msg = f"record {record.get('_index')}: {one_line(e)}"
+            _count("bad_record", msg)
+            if self.guard is not None:
+                self.guard.bad(f"unusable {msg}")
             return None
+        if self.guard is not None:
+            self.guard.ok()
+        return out
 
     def _apply(self, record, rng):
         video = _as_video(record["video"])
@@ -270,6 +334,10 @@ class ClipTransform:
         }
         if self.with_captions:
             out["caption"] = caption.encode("utf-8")
+        if self.with_frame_info:
+            out["source_frames"] = np.int32(t)  # frames the record holds
+            out["padded_frames"] = np.int32(max(0, self.num_frames - t))  # copies of the last frame appended
+            out["stride_used"] = np.int32(fit_stride(t, self.num_frames, self.frame_stride))
         if self.with_metadata:
             for k, v in record.items():
                 if k in ("video", "captions", "_index", "caption") or k in out:
@@ -308,7 +376,8 @@ def _local_batch(batch_size: int, process_count: int) -> int:
     return batch_size // process_count
 
 
-def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metadata: bool) -> ClipTransform:
+def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metadata: bool,
+               with_frame_info: bool = False) -> ClipTransform:
     if tokenizer is None:
         tokenizer = tokenizer_lib.clip_tokenizer()
     return ClipTransform(
@@ -324,6 +393,7 @@ def _transform(data_cfg, tokenizer, train: bool, with_captions: bool, with_metad
         random_caption=bool(data_cfg.get("random_caption", True)),
         with_captions=with_captions,
         with_metadata=with_metadata,
+        with_frame_info=with_frame_info,
     )
 
 
@@ -354,20 +424,29 @@ def make_train_dataset(
     """The training pipeline as a ``grain.IterDataset`` (see :func:`make_train_iterator`)."""
     local = _local_batch(batch_size, process_count)
     seed = int(data_cfg.get("seed", 0) if seed is None else seed)
-    source = source if source is not None else open_source(data_cfg, data_cfg.split)
+    if source is None:
+        source, where = _open_source(data_cfg, data_cfg.split)
+        where = f"{where} split {data_cfg.split!r}"
+    else:
+        where = f"split {data_cfg.split!r} of the given {type(source).__name__}"
     if len(source) == 0:
         raise ValueError(f"split {data_cfg.split!r} of {data_cfg.dataset!r} is empty")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    ds = grain.MapDataset.source(_SafeSource(source))
-    ds = ds[process_index::process_count]  # disjoint shards that together cover the split
-    if len(ds) == 0:
+    shard = len(range(process_index, len(source), process_count))
+    if shard == 0:
         raise ValueError(f"process {process_index} of {process_count} has no records ({len(source)} in the split)")
+    # A whole epoch (any 2 * shard draws in a row contain one) plus the reads in flight, capped by the config.
+    limit = int(data_cfg.get("max_bad_records", 1000))
+    guard = BadRecordGuard(min(limit, 2 * shard + 2 * local) if limit > 0 else 0, where)
+    ds = grain.MapDataset.source(_SafeSource(source, guard))
+    ds = ds[process_index::process_count]  # disjoint shards that together cover the split
     if data_cfg.get("shuffle", True):
         ds = ds.shuffle(seed=seed * 1_000_003 + process_index)
     epochs = int(data_cfg.get("num_epochs", -1))
     ds = ds.repeat(None if epochs < 0 else epochs)
-    ds = ds.random_map(_transform(data_cfg, tokenizer, True, with_captions, False), seed=seed + 7919 * process_index + 1)
+    transform = dataclasses.replace(_transform(data_cfg, tokenizer, True, with_captions, False), guard=guard)
+    ds = ds.random_map(transform, seed=seed + 7919 * process_index + 1)
     read = grain.ReadOptions(num_threads=max(1, int(data_cfg.get("read_threads", 2))), prefetch_buffer_size=2 * local)
     ds = ds.to_iter_dataset(read).batch(local, drop_remainder=True)
     return ds.map(functools.partial(normalise_batch, as_uint8=bool(data_cfg.get("as_uint8", False))))
@@ -432,6 +511,7 @@ def make_eval_iterator(
     num_examples: int | None = None,
     with_captions: bool = True,
     with_metadata: bool = True,
+    with_frame_info: bool = False,
     source=None,
 ) -> grain.DatasetIterator:
     """One deterministic pass over an evaluation split.
@@ -439,7 +519,10 @@ def make_eval_iterator(
     Clips start at frame 0 (no randomness, centre crop); records are split round-robin over processes and the
     last batches are padded so every process yields the same number of batches. Each batch has ``mask`` (bool
     [B]) marking real examples, plus ``caption`` and the record's metadata (``label``; for moving_shapes
-    ``motion``, ``shape``, ``colour``, ``centroids`` of the selected frames, ...) when requested.
+    ``motion``, ``shape``, ``colour``, ``centroids`` of the selected frames, ...) when requested. With
+    ``with_frame_info``, ``source_frames`` (frames the record holds), ``padded_frames`` (copies of its last frame
+    appended because it is shorter than ``num_frames``) and ``stride_used`` (the frame stride, shrunk for short
+    records), int32 [B] each.
     """
     local = _local_batch(batch_size, process_count)
     split = split or data_cfg.get("eval_split", "validation")
@@ -447,7 +530,7 @@ def make_eval_iterator(
     n = len(source) if num_examples is None else min(len(source), int(num_examples))
     idx = eval_indices(n, process_index, process_count, local)
     safe = _SafeSource(source)
-    transform = _transform(data_cfg, tokenizer, False, with_captions, with_metadata)
+    transform = _transform(data_cfg, tokenizer, False, with_captions, with_metadata, with_frame_info)
     template: dict = {}
 
     def read(i):

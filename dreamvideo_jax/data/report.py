@@ -10,6 +10,7 @@ import threading
 # Why a record was not written.
 SKIP_REASONS = {
     "missing_file": "listed in the caption file but not found",
+    "outside_source_dir": "path leads out of source_dir (absolute, '..' or a symlink to elsewhere); not read",
     "missing_caption": "no caption (or an empty one)",
     "unknown_class": "class name not in the class list",
     "empty_file": "zero-byte file",

@@ -10,7 +10,8 @@ its index is stored as ``label``.
 Videos are decoded at build time and stored as uint8 frames ``[T, height, width, 3]`` with ``min_frames <= T <=
 max_frames``, after taking every ``frame_stride``-th frame (or resampling to ``fps``), resizing the short side
 and centre-cropping. Long videos give up to ``clips_per_video`` consecutive records. Bad items are skipped and
-counted (see :mod:`dreamvideo_jax.data.report`), never raised.
+counted (see :mod:`dreamvideo_jax.data.report`), never raised. Every path read stays inside the folder: caption
+rows naming an absolute path or ``..``, and symlinks that resolve outside it, are skipped as ``outside_source_dir``.
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def list_videos(source_dir: str) -> list[str]:
     return sorted(out)
 
 
+def _outside_root(root: str, rel: str) -> str:
+    """Why ``rel`` (a caption row's path or a file found on disk) leads out of the folder ``root`` (already
+    resolved), or '' when it stays inside: absolute paths and ``..`` are refused, symlinks are resolved first."""
+    if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
+        return "absolute or '..' path leaves source_dir; paths must be relative to source_dir"
+    real = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([root, real]) != root:
+        return f"resolves to {real}, outside source_dir (a symlink leading out?); copy the video into source_dir"
+    return ""
+
+
 def plan_items(cfg: VideoFolderConfig, report: BuildReport) -> dict[str, list[_Item]]:
     """Matches videos to captions; returns items per split and counts the unusable ones in ``report``."""
     src = cfg.source_dir
@@ -124,7 +136,12 @@ def plan_items(cfg: VideoFolderConfig, report: BuildReport) -> dict[str, list[_I
     # Listed paths first (in file order), then unlisted videos on disk.
     paths = list(table.captions) + [p for p in on_disk if p not in table.captions]
     items: dict[str, list[_Item]] = collections.defaultdict(list)
+    root = os.path.realpath(src)
     for rel in paths:
+        outside = _outside_root(root, rel)
+        if outside:
+            report.skip("outside_source_dir", rel, outside)
+            continue
         full = os.path.join(src, rel)
         if not os.path.isfile(full):
             report.skip("missing_file", rel, "listed in the caption file, not found")
@@ -155,7 +172,9 @@ class VideoFolder(ArrayRecordBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "First release."}
-    BUILDER_CONFIGS = [make_config()]
+    # No registered config: every build passes its own (with its source_dir). A registered one would make tfds
+    # refuse any config of the same name that is not that very object, i.e. every build at the default size.
+    BUILDER_CONFIGS: list = []
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the video folder as the config's source_dir (or --source_dir)."
 
     def __init__(self, *args, report: BuildReport | None = None, exclude_splits=(), **kwargs):

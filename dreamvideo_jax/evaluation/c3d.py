@@ -125,12 +125,26 @@ def preprocess(videos, mean, size: int = 112):
 
 
 def _read_weights(path: str) -> dict[str, np.ndarray]:
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    """The named arrays of a .npz or .safetensors file; never unpickles. Raises ValueError naming the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
 
-        return dict(load_file(path))
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+            return dict(load_file(path))
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path}: one array (.npy), not named arrays; save them with np.savez(path, name=array, ...)")
+        with loaded as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():  # numpy: pickled data / object arrays refused with allow_pickle=False
+            raise ValueError(f"{path}: holds pickled Python objects, which are never loaded (unpickling can run "
+                             "code); save plain numeric arrays with np.savez or safetensors") from None
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: cannot be read as .npz / .safetensors weights ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, EOFError, safetensors' own error: all unreadable
+        raise ValueError(f"{path}: cannot be read as .npz / .safetensors weights ({type(e).__name__}: {e})") from None
 
 
 def _normalise_key(key: str) -> str:
@@ -188,7 +202,9 @@ class C3DClassifier:
 
     @classmethod
     def from_file(cls, path: str, config: C3DConfig = C3DConfig(), **kw) -> "C3DClassifier":
-        return cls(load_c3d_params(path, config), config, **kw)
+        clf = cls(load_c3d_params(path, config), config, **kw)
+        clf.source = path  # what a MetricSuite records as its c3d_weights
+        return clf
 
     def __call__(self, videos) -> np.ndarray:
         v = np.asarray(videos)

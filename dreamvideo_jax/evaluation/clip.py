@@ -348,7 +348,9 @@ class CLIPScorer:
             has_files = all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt"))
             kw["tokenizer"] = tok.load_tokenizer(folder) if has_files else tok.clip_tokenizer()
         kw.setdefault("preprocess", PreprocessConfig.from_folder(folder, model.vision.image_size))
-        return cls(model, params, **kw)
+        scorer = cls(model, params, **kw)
+        scorer.source = folder  # what a MetricSuite records as its clip_model
+        return scorer
 
     def image_embeddings(self, images) -> np.ndarray:
         """uint8 `(N, H, W, 3)` -> L2-normalised float32 `(N, projection_dim)`."""

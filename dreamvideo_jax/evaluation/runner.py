@@ -3,7 +3,12 @@
 For each of the first ``num_samples`` clips of an evaluation split (a deterministic pass, clips start at frame 0)
 we generate a video from the clip's first frame and caption, and stream (real clip, generated clip, caption) into
 a :class:`~dreamvideo_jax.evaluation.suite.MetricSuite`. Every metric whose reference network is available is
-computed; the others are listed under ``skipped`` with the reason.
+computed; the others are listed under ``skipped`` with the reason. A network the user names
+(``c3d_weights=``, ``clip_model=``) must exist and load, else an InputError names the flag.
+
+Real clips shorter than the frames asked are padded with their last frame (and read with a smaller stride when
+too short for the stride asked): the protocol counts them (``real_clips_padded``, ``real_frames_padded_max``,
+``real_clips_stride_reduced``) and ``notes`` carries a WARNING, since FVD against padded clips is biased.
 
 Datasets (``dataset=``):
 
@@ -24,7 +29,7 @@ Resuming: after every batch the suite's state is saved to ``OUTPUT.state.npz`` a
 it to ``OUTPUT.state.json``. A rerun with the same settings continues after the last saved clip; any
 ``num_samples`` at least as large as what is done may be asked (so N can also be raised later). Per-clip seeds
 are ``seed + clip index``, so a resumed run gives the same numbers as an uninterrupted one. A state written
-with other settings is refused (``restart=True`` discards it).
+with other settings, or an unreadable one, is refused (``restart=True`` discards it).
 """
 
 from __future__ import annotations
@@ -138,6 +143,41 @@ def _check_args(opts: Options) -> None:
         raise inputs.InputError("batch_size", opts.batch_size, "must be >= 0 (0 = the number of devices)")
     if opts.metric_batch_size <= 0:
         raise inputs.InputError("metric_batch_size", opts.metric_batch_size, "must be > 0")
+    # A metric network the user names must be there (metrics not asked for are skipped with a reason instead).
+    if opts.c3d_weights is not None and not os.path.isfile(opts.c3d_weights):
+        raise inputs.InputError("c3d_weights", opts.c3d_weights, "no such file (C3D-UCF101 weights, .npz or "
+                                "safetensors; see dreamvideo_jax.evaluation.c3d); leave the flag out to skip IS")
+    if opts.clip_model is not None and not os.path.isfile(os.path.join(opts.clip_model, "config.json")):
+        what = "no config.json in this folder" if os.path.isdir(opts.clip_model) else "no such folder"
+        raise inputs.InputError("clip_model", opts.clip_model, f"{what} (a transformers CLIPModel folder); leave the "
+                                "flag out to skip FFF_CLIP and CLIP-SIM")
+
+
+def _metric_networks(opts: Options) -> tuple:
+    """(C3D classifier, CLIP scorer) from the paths given (None where not given); a file that cannot be used is
+    an InputError naming its flag."""
+    from dreamvideo_jax.evaluation.c3d import C3DClassifier
+
+    c3d = clip = None
+    if opts.c3d_weights is not None:
+        try:
+            c3d = C3DClassifier.from_file(opts.c3d_weights, batch_size=opts.metric_batch_size)
+        except (ValueError, OSError) as e:  # unreadable, pickled, missing or mis-shaped tensors
+            raise inputs.InputError("c3d_weights", opts.c3d_weights, _without_path(e, opts.c3d_weights)) from None
+    if opts.clip_model is not None:
+        from dreamvideo_jax.evaluation.clip import CLIPScorer
+
+        try:
+            clip = CLIPScorer.from_pretrained(opts.clip_model, batch_size=4 * opts.metric_batch_size)
+        except (ValueError, OSError, KeyError) as e:
+            raise inputs.InputError("clip_model", opts.clip_model, _without_path(e, opts.clip_model)) from None
+    return c3d, clip
+
+
+def _without_path(e: BaseException, path: str) -> str:
+    """An error's message on one line, without a leading ``path: `` (the InputError names the path already)."""
+    msg = " ".join(str(e).split())
+    return msg[len(path) + 2 :] if msg.startswith(f"{path}: ") else f"{type(e).__name__}: {msg}"
 
 
 def _open_data(opts: Options, data_cfg):
@@ -189,14 +229,26 @@ def _resume(opts: Options, suite, settings: dict, echo) -> tuple[int, dict]:
         return 0, {}
     if not (os.path.exists(state_json) and os.path.exists(state_npz)):
         return 0, {}
-    with open(state_json) as f:
-        saved = json.load(f)
+    try:
+        with open(state_json) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+            raise ValueError("not a JSON object with the 'settings' of an evaluation")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise inputs.InputError("output", opts.output, f"the saved evaluation state {state_json} is unreadable "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); rerun with --restart "
+                                "to discard it and start afresh") from None
     if saved.get("settings") != settings:
         diff = sorted(k for k in set(settings) | set(saved.get("settings", {}))
                       if settings.get(k) != saved.get("settings", {}).get(k))
         raise inputs.InputError("output", opts.output, f"{state_json} holds an evaluation with other settings (differ: "
                                                   f"{', '.join(diff)}); rerun with those, or --restart to discard it")
-    suite.load(state_npz)
+    try:
+        suite.load(state_npz)
+    except Exception as e:  # noqa: BLE001 - truncated (BadZipFile, EOFError), missing keys, wrong contents
+        raise inputs.InputError("output", opts.output, f"the saved evaluation state {state_npz} is unreadable "
+                                f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); rerun with --restart "
+                                "to discard it and start afresh") from None
     done = suite.num
     if done > opts.num_samples:
         raise inputs.InputError("num_samples", opts.num_samples, f"{state_json} already holds {done} clips; ask for at "
@@ -234,7 +286,7 @@ def _generate_and_score(opts: Options, config, data_cfg, source, suite, settings
     bs = opts.batch_size or (mesh.size if mesh is not None else jax.local_device_count())
     it = data_pipeline.make_eval_iterator(data_cfg, batch_size=bs, split=data_cfg.eval_split,
                                num_examples=opts.num_samples - done, with_captions=True, with_metadata=False,
-                               source=_Offset(source, done))
+                               with_frame_info=True, source=_Offset(source, done))
     state_npz, state_json = state_paths(opts.output)
     write_json(state_json, {"settings": settings, "weights": loaded.source, "checkpoint_step": loaded.step},
                sort_keys=True)
@@ -256,7 +308,8 @@ def _generate_and_score(opts: Options, config, data_cfg, source, suite, settings
                                 num_frames=frames, height=height, width=width, progress=False)[keep]
             n = int(keep.sum())
             suite.update(np.asarray(batch["video"])[keep], fake, [c for c, k in zip(captions, keep) if k],
-                         first_frames=np.asarray(batch["image"])[keep])
+                         first_frames=np.asarray(batch["image"])[keep],
+                         real_source_frames=np.asarray(batch["source_frames"])[keep])
             done += n
             suite.save(state_npz)
             if bar is not None:
@@ -302,8 +355,9 @@ def evaluate(opts: Options, config=None, *, mesh=None, on_batch: Callable[[int],
     source = _open_data(opts, data_cfg)
 
     short = opts.fvd and size[0] < MIN_FRAMES  # known now: do not load I3D for nothing
-    suite = MetricSuite(i3d=False if short else opts.fvd, c3d_weights=opts.c3d_weights, clip_model=opts.clip_model,
-                        shapes=shapes, batch_size=opts.metric_batch_size)
+    c3d, clip = _metric_networks(opts)
+    suite = MetricSuite(i3d=False if short else opts.fvd, c3d_weights=c3d, clip_model=clip, shapes=shapes,
+                        batch_size=opts.metric_batch_size)
     if short:
         suite.skipped["fvd"] = f"clips have {size[0]} frames; I3D needs >= {MIN_FRAMES} (16 is standard)"
     settings = _settings(opts, config, data_cfg, suite, size)
@@ -324,11 +378,31 @@ def evaluate(opts: Options, config=None, *, mesh=None, on_batch: Callable[[int],
         "checkpoint_step": loaded_step if loaded_step is not None else opts.step, "ema": bool(opts.ema),
         "weights": source_desc, **res["protocol"],
     }  # fmt: skip
-    out = {"metrics": res["metrics"], "skipped": res["skipped"], "protocol": protocol, "notes": res["notes"]}
+    notes = list(res["notes"])
+    _note_short_clips(suite, protocol, notes)
+    out = {"metrics": res["metrics"], "skipped": res["skipped"], "protocol": protocol, "notes": notes}
     os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
     write_json(opts.output, out, sort_keys=True)
     line = ", ".join(f"{k}={v:.4g}" for k, v in res["metrics"].items())
     echo(f"wrote {opts.output}: {line or 'no metrics'}")
     for k, why in res["skipped"].items():
         echo(f"skipped {k}: {why}")
+    for note in notes:
+        if note.startswith("WARNING"):
+            log.warning("%s", note)
+            echo(note)
     return out
+
+
+def _note_short_clips(suite, protocol: dict, notes: list) -> None:
+    """Counts the real clips too short for the frame stride asked (read with a smaller one) in the protocol."""
+    stride, frames = int(protocol["stride"]), int(protocol["frames"])
+    src = np.asarray(suite.real_source_frames, np.int64)
+    if stride <= 1 or not len(src):
+        return
+    reduced = int(((src >= 0) & (src < (frames - 1) * stride + 1)).sum())
+    protocol["real_clips_stride_reduced"] = reduced
+    if reduced:
+        notes.append(f"WARNING: {reduced} of {len(src)} real clips are shorter than {frames} frames at stride "
+                     f"{stride} ({(frames - 1) * stride + 1} frames) and were read with a smaller stride: their "
+                     "motion is slower than the generated clips'")

@@ -11,6 +11,10 @@ skipped:
 - moving-shapes metrics (``direction_accuracy``, ``identity_retention``, ``colour_accuracy``) with
   ``shapes=True``.
 
+Real clips shorter than the frames evaluated arrive padded with their last frame; given each clip's source length
+(``update(..., real_source_frames=)``), the protocol counts them (``real_clips_padded``,
+``real_frames_padded_max``) and the notes carry a warning, since FVD against padded clips is biased.
+
 Feature statistics and per-clip scores are accumulated batch by batch; :meth:`MetricSuite.save` /
 :meth:`MetricSuite.load` write and restore that state (one ``.npz``), so an interrupted evaluation resumes
 after the last saved batch.
@@ -56,7 +60,7 @@ class MetricSuite:
                  is_splits: int = 10):  # fmt: skip
         self.skipped: dict[str, str] = {}
         self.notes: list[str] = []
-        name = lambda x: x if isinstance(x, (str, type(None))) else type(x).__name__
+        name = lambda x: x if isinstance(x, (str, type(None))) else (getattr(x, "source", None) or type(x).__name__)
         self.settings = {"fvd_resize": fvd_resize, "covariance_ddof": ddof, "is_splits": is_splits,
                          "c3d_weights": name(c3d_weights), "clip_model": name(clip_model), "shapes": shapes}  # fmt: skip
         self.i3d = None
@@ -103,6 +107,7 @@ class MetricSuite:
         self.per_clip: dict[str, list[float]] = {k: [] for k in _PER_CLIP}
         self.num = 0
         self.shape: Optional[dict] = None
+        self.real_source_frames: list[int] = []  # frames each real clip's record held (when the caller says)
 
     def _check_shapes(self, real, fake):
         info = {"frames": int(fake.shape[1]), "resolution": [int(fake.shape[2]), int(fake.shape[3])],
@@ -120,15 +125,24 @@ class MetricSuite:
         elif info != self.shape:
             raise ValueError(f"batch shapes changed: {info} vs {self.shape}")
 
-    def update(self, real, generated, captions: Sequence[str], first_frames=None) -> "MetricSuite":
+    def update(self, real, generated, captions: Sequence[str], first_frames=None,
+               real_source_frames=None) -> "MetricSuite":
         """Adds a batch: real clips `(B, T', H', W', 3)`, generated clips `(B, T, H, W, 3)` (uint8), their captions,
-        and optionally the conditioning images `(B, H'', W'', 3)` (default: frame 0 of the real clips)."""
+        and optionally the conditioning images `(B, H'', W'', 3)` (default: frame 0 of the real clips) and the
+        number of frames each real clip's source held (`(B,)` ints; fewer than T' means the clip was padded with
+        its last frame: counted in the protocol and noted in the result)."""
         from dreamvideo_jax.data.video_io import to_uint8
 
         real, fake = to_uint8(np.asarray(real)), to_uint8(np.asarray(generated))
         if real.ndim != 5 or fake.ndim != 5 or len(real) != len(fake) or len(captions) != len(fake):
             raise ValueError(f"need matching batches: real {real.shape}, generated {fake.shape}, {len(captions)} captions")
         self._check_shapes(real, fake)
+        if real_source_frames is not None:
+            src = np.asarray(real_source_frames, np.int64).reshape(-1)
+            if len(src) != len(real):
+                raise ValueError(f"real_source_frames has {len(src)} entries for {len(real)} clips")
+            # -1: not known (earlier batches given without it, e.g. a state saved by an older version)
+            self.real_source_frames += [-1] * (self.num - len(self.real_source_frames)) + src.tolist()
         first = to_uint8(np.asarray(first_frames)) if first_frames is not None else real[:, 0]
         if first.shape[1:3] != fake.shape[2:4]:
             note = f"real first frames {first.shape[1]}x{first.shape[2]} resized (bicubic) to {fake.shape[2]}x{fake.shape[3]} for FFF_SSIM"  # noqa: E501
@@ -179,10 +193,27 @@ class MetricSuite:
             if self.per_clip[key]:
                 m[name] = float(np.mean(self.per_clip[key]))
         protocol = {"num_videos": self.num, **(self.shape or {}), **self.settings}
+        notes = list(self.notes)
+        if self.real_source_frames and self.shape is not None:
+            want = self.shape["real_frames"]
+            src = np.asarray(self.real_source_frames + [-1] * (self.num - len(self.real_source_frames)), np.int64)
+            short = src[(src >= 0) & (src < want)]
+            if (src < 0).any():
+                notes.append(f"the source length of {int((src < 0).sum())} real clips was not recorded (padding of "
+                             "those is not counted)")
+            protocol["real_clips_padded"] = int(len(short))
+            protocol["real_frames_padded_max"] = int(want - short.min()) if len(short) else 0
+            if len(short):
+                notes.append(
+                    f"WARNING: {len(short)} of {len(src)} real clips hold fewer than the {want} frames evaluated "
+                    f"({int(short.min())} to {int(short.max())}) and were padded by repeating their last frame "
+                    f"({int((want - short).sum())} padded frames in all, up to {want - int(short.min())} per clip): "
+                    "FVD and every real-clip statistic are biased; evaluate fewer frames or use a build with "
+                    "longer clips")
         if "fvd" in m:
             protocol.update({"fvd_network": "i3d_kinetics400_tfhub", "fvd_feature": "logits_400_time_mean",
                              "fvd_network_resolution": 224})  # fmt: skip
-        return {"metrics": m, "skipped": skipped, "protocol": protocol, "notes": list(self.notes)}
+        return {"metrics": m, "skipped": skipped, "protocol": protocol, "notes": notes}
 
     # -- resumable state --
     def save(self, path: str) -> str:
@@ -197,6 +228,7 @@ class MetricSuite:
             arrays["c3d_logits"] = np.concatenate(self.c3d_logits)
         for k, v in self.per_clip.items():
             arrays[f"per_clip.{k}"] = np.asarray(v, np.float64)
+        arrays["real_source_frames"] = np.asarray(self.real_source_frames, np.int64)
         tmp = f"{path}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -221,4 +253,5 @@ class MetricSuite:
                 setattr(self, f"{role}_stats", FeatureStats.from_state_dict(keys))
         self.c3d_logits = [data["c3d_logits"]] if "c3d_logits" in data else []
         self.per_clip = {k: data[f"per_clip.{k}"].tolist() for k in _PER_CLIP}
+        self.real_source_frames = data["real_source_frames"].tolist() if "real_source_frames" in data else []
         return self
