@@ -188,6 +188,7 @@ def get_config(arg=None):
     d.worker_count = 0  # grain worker processes (0 = threads in this process)
     d.read_threads = 2  # threads reading and transforming records
     d.prefetch = 2  # batches prefetched (per worker when worker_count > 0)
+    d.max_bad_records = 1000  # stop with an error after this many unusable records in a row; 0 = skip them forever
     d.auto_build = True  # synthetic data: built into data_dir on first use when missing (race-safe)
     d.build = b = ml_collections.ConfigDict()  # moving_shapes dataset build parameters
     b.size = 32  # frame size in pixels
