@@ -226,6 +226,10 @@ def test_cli_base_checkpoint_is_text_to_video(cfg, image_path, tmp_path):
         assert z["video"].shape == (4, 16, 16, 3)
     with pytest.raises(InputError, match="--mode=dreamvideo"):
         runner.run(_opts(checkpoint=base, image=image_path, output=out, mode="dreamvideo"), cfg, echo=_quiet)
+    # Without --config a base is read as ModelScope-T2V's: its schedule, eps prediction and open_clip's padding (0).
+    loaded, _ = checkpoints.read_config(base)
+    assert loaded.data.pad_id == 0 and loaded.train.prediction_type == "eps" and loaded.train.mode == "t2v"
+    assert Sampler(loaded, v).system.null_tokens()[0, :3].tolist() == [49406, 49407, 0]
 
 
 def test_outputs_never_overwrite_inputs_and_prompts_must_be_text(cfg, tmp_path, monkeypatch):

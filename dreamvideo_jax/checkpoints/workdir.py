@@ -28,6 +28,7 @@ from etils import epath
 from dreamvideo_jax import config_io, system as system_lib
 from dreamvideo_jax.checkpoints.base import BASE_MODEL_CONFIG, base_shapes, is_base, load_base, read_model_config
 from dreamvideo_jax.checkpoints.manager import Checkpointer
+from dreamvideo_jax.data import tokenizer
 from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.errors import CheckpointError, InputError, one_line
 
@@ -156,13 +157,15 @@ def base_mode(model_keys) -> str:
 
 
 def base_config(model_config, mode: str, config=None) -> ml_collections.ConfigDict:
-    """The config of a base checkpoint: `config` (or, without one, ModelScope-T2V's clip size, schedule and eps
-    prediction) with the stored `model` section and `train.mode`."""
+    """The config of a base checkpoint: `config` (or, without one, ModelScope-T2V's clip size, schedule, eps
+    prediction and prompt padding) with the stored `model` section and `train.mode`."""
     if config is None:
         c = ml_collections.ConfigDict()
         c.num_frames, c.height, c.width = 16, 256, 256
         c.diffusion = ml_collections.ConfigDict(dict(schedules.DEFAULTS))
         c.train = ml_collections.ConfigDict(dict(mode=mode, prediction_type="eps"))
+        # ModelScope-T2V tokenised its captions with open_clip.tokenize, which pads with 0.
+        c.data = ml_collections.ConfigDict(dict(pad_id=tokenizer.OPENCLIP_PAD_ID))
     else:
         c = ml_collections.ConfigDict(config_io.to_dict(config))
         if "model" in c and config_io.diff(c.model.to_dict(), config_io.to_dict(model_config)):

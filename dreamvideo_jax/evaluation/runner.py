@@ -43,6 +43,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from dreamvideo_jax.checkpoints.lock import Lock
 from dreamvideo_jax.sampling import inputs
 from dreamvideo_jax.sampling.outputs import write_json
 
@@ -361,11 +362,14 @@ def evaluate(opts: Options, config=None, *, mesh=None, on_batch: Callable[[int],
     if short:
         suite.skipped["fvd"] = f"clips have {size[0]} frames; I3D needs >= {MIN_FRAMES} (16 is standard)"
     settings = _settings(opts, config, data_cfg, suite, size)
-    done, saved = _resume(opts, suite, settings, echo)
-    loaded_step, source_desc = saved.get("checkpoint_step"), saved.get("weights")
-    if done < opts.num_samples:
-        loaded_step, source_desc = _generate_and_score(opts, config, data_cfg, source, suite, settings, size, done,
-                                                       saved, mesh=mesh, on_batch=on_batch, echo=echo)
+    os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
+    # One evaluation per state file: a second one on the same --output would interleave its clips.
+    with Lock(opts.output + ".state.lock", f"the evaluation state of --output={opts.output}"):
+        done, saved = _resume(opts, suite, settings, echo)
+        loaded_step, source_desc = saved.get("checkpoint_step"), saved.get("weights")
+        if done < opts.num_samples:
+            loaded_step, source_desc = _generate_and_score(opts, config, data_cfg, source, suite, settings, size,
+                                                           done, saved, mesh=mesh, on_batch=on_batch, echo=echo)
 
     res = suite.result()
     protocol = {
