@@ -21,7 +21,7 @@ from dreamvideo_jax import checkpoints
 from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, WorkdirError
 from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.system import flatten
-from dreamvideo_jax.training import loop
+from dreamvideo_jax.training import loop, startup
 from train_common import (  # noqa: F401 (fixtures)
     EVERY, NUM_STEPS, ROOT, cli_overrides, eight, one, train_config)
 
@@ -214,7 +214,7 @@ def test_resume_order(env, reference_run, eight, tmp_path):
     wd = tmp_path / "resumed"
     wd.mkdir()
     c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(wd)))
-    state, frozen, data_state, source = loop.start_state(tr, cfg, wd, c)
+    state, frozen, data_state, source = startup.start_state(tr, cfg, wd, c)
     assert source == "resume" and int(sh.to_host(state.step)) == EVERY and data_state is not None
     expect = _read_checkpoint(reference_run, EVERY)
     got = flatten(jax.device_get(state.params))
@@ -223,13 +223,13 @@ def test_resume_order(env, reference_run, eight, tmp_path):
     # With a checkpoint of its own, the workdir comes first.
     c.save(state.replace(step=state.step + 1), data_state, cfg)
     c.wait()
-    state, _, _, source = loop.start_state(tr, cfg, wd, c)
+    state, _, _, source = startup.start_state(tr, cfg, wd, c)
     assert source == "workdir" and int(sh.to_host(state.step)) == EVERY + 1
     c.close()
     # init_from alone: a fresh state (step 0) whose trainable params are the source's EMA.
     cfg.resume = ""
     c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(tmp_path / "fresh")))
-    state, _, data_state, source = loop.start_state(tr, cfg, tmp_path / "fresh", c)
+    state, _, data_state, source = startup.start_state(tr, cfg, tmp_path / "fresh", c)
     c.close()
     assert source == "init_from" and int(sh.to_host(state.step)) == 0 and data_state is None
     ema = flatten(_read_checkpoint(reference_run, NUM_STEPS)["ema"])
@@ -321,7 +321,7 @@ def test_init_from_t2v_workdir_copies_unet_into_retention(two_process_run, one):
     config, variables = loaded.config, loaded.params
     assert config.train.mode == "t2v" and set(variables) == {"unet", "text_encoder", "vae"}
     tr = one[0]
-    params = jax.device_get(loop.load_init_from(tr, wd, jax.random.key(1)))
+    params = jax.device_get(startup.load_init_from(tr, wd, jax.random.key(1)))
     assert jax.tree.all(jax.tree.map(np.array_equal, params["unet"], variables["unet"]))
     assert jax.tree.all(jax.tree.map(np.array_equal, params["text_encoder"], variables["text_encoder"]))
     for k in ("conv_in", "time_embedding", "down_blocks_0", "mid_block"):
@@ -332,7 +332,7 @@ def test_init_from_t2v_workdir_copies_unet_into_retention(two_process_run, one):
     stored, model_config = checkpoints.load_base(base)
     assert model_config.unet.block_out_channels == list(config.model.unet.block_out_channels)
     assert jax.tree.all(jax.tree.map(np.array_equal, stored["unet"], variables["unet"]))
-    params2 = jax.device_get(loop.load_init_from(tr, base, jax.random.key(1)))
+    params2 = jax.device_get(startup.load_init_from(tr, base, jax.random.key(1)))
     model_groups = ("unet", "retention", "image_conv")
     assert jax.tree.all(jax.tree.map(np.array_equal, {k: params2[k] for k in model_groups},
                                      {k: params[k] for k in model_groups}))
@@ -343,12 +343,12 @@ def test_init_from_t2v_source_ignores_retention_settings_but_not_unet_ones():
     src, cfg = train_config(), train_config()
     src.train.mode = "t2v"
     cfg.model.retention.image_input = "latent"
-    loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
+    startup.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
     with pytest.raises(IncompatibleConfigError, match="model.retention.image_input"):
-        loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=True)
+        startup.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=True)
     cfg.model.unet.layers_per_block = int(src.model.unet.layers_per_block) + 1
     with pytest.raises(IncompatibleConfigError, match="model.unet.layers_per_block"):
-        loop.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
+        startup.check_source_model(src.model, cfg, "init_from workdir w", source_has_branch=False)
 
 
 def test_tpu_launch_dry_run():
