@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dreamvideo_jax import checkpoints
-from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, WorkdirError
+from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, InputError, WorkdirError
 from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.system import flatten
 from dreamvideo_jax.training import loop, startup
@@ -181,7 +181,7 @@ def test_load_gives_the_layout_with_the_checkpoint_merged_in(reference_run):
         assert np.array_equal(flat[k], v)
     raw = checkpoints.load(os.path.join(reference_run, "checkpoints", "3"), use_ema=False)
     assert raw.step == 3 and not np.array_equal(flatten(raw.params)[k], flat[k])
-    with pytest.raises(CheckpointError, match="--step=4: .* no checkpoint at that step"):
+    with pytest.raises(InputError, match="--step=4: .* no checkpoint at that step"):
         checkpoints.load(reference_run, step=4)
 
 

@@ -28,7 +28,7 @@ from etils import epath
 
 from dreamvideo_jax import checkpoints, config_io
 from dreamvideo_jax.checkpoints.lock import Lock
-from dreamvideo_jax.parallel.sharding import to_host
+from dreamvideo_jax.parallel.sharding import global_batch, to_host
 from dreamvideo_jax.training import metric_log, startup
 from dreamvideo_jax.training.trainer import Trainer
 
@@ -152,7 +152,7 @@ class Evaluator:
         try:
             for i, local in zip(range(self.num_batches), it):
                 batch = self.tr.global_batch(local)
-                mask = self.tr.global_batch({"mask": np.asarray(local["mask"])})["mask"]
+                mask = global_batch({"mask": np.asarray(local["mask"])}, self.tr.mesh)["mask"]
                 out = to_host(self.tr.eval_step(state.ema, frozen, batch, mask, self.keys[i]))
                 total += float(out["loss_sum"])
                 count += float(out["count"])
