@@ -8,7 +8,6 @@ Modules:
   moving_shapes  synthetic moving-shapes builder, its vocabulary and motion helpers.
   tokenizer      ``clip_tokenizer``, ``load_tokenizer``, ``tokenize``.
   video_io       robust decoding, resize / crop, ``load_image``, ``write_video``.
-  benchmark      ``python -m dreamvideo_jax.data.benchmark``: pipeline clips/s.
 
 Submodules are imported on use (``from dreamvideo_jax.data import pipeline``), so importing this package is cheap.
 """

