@@ -193,8 +193,9 @@ def load_weights(config, *, workdir: str | None = None, checkpoint: str | None =
     name = "workdir" if workdir else "checkpoint"
     path = workdir or checkpoint
     loaded = checkpoints.load(path, step=step, use_ema=ema, config=config, name=name)
-    if loaded.step is None and checkpoints.locate(path, name).kind == "workdir":
-        base = os.path.join(checkpoints.locate(path, name).root, checkpoints.BASE_DIR)
+    loc = checkpoints.locate(path, name) if loaded.step is None else None
+    if loc is not None and loc.kind == "workdir":
+        base = os.path.join(loc.root, checkpoints.BASE_DIR)
         raise inputs.InputError(name, path, f"has no checkpoint yet, so its weights are the untrained initial ones; "
                                             f"train it first, or sample those weights on purpose with "
                                             f"--checkpoint={base} and its training --config")
