@@ -97,6 +97,7 @@ def get_config(arg=None):
     tr.trainable = ()  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = the mode's default
     tr.num_steps = 100_000  # training steps
     tr.batch_size = 8  # global batch, over all processes
+    tr.per_device_batch_size = 0  # > 0: global batch = this x the mesh's data x fsdp devices (replaces batch_size)
     tr.learning_rate = 5e-5  # AdamW peak learning rate, reached after warmup_steps
     tr.lr_schedule = "cosine"  # after warmup: 'cosine' | 'linear' | 'constant'
     tr.warmup_steps = 500  # linear warmup steps from 0

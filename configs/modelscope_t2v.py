@@ -18,6 +18,7 @@ def get_config(arg=None):
     del arg
     config = _base["get_config"]()
     config.mesh.data, config.mesh.fsdp = 1, -1  # FSDP over every chip: the frozen base alone is ~8 GB in fp32
+    config.train.per_device_batch_size = 1  # one 16-frame 256² clip per chip: the global batch scales with the slice
 
     d = config.data
     d.dataset = "video_folder"  # e.g. WebVid built with `python -m dreamvideo_jax.data.build`

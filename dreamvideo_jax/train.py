@@ -2,7 +2,7 @@ r"""Train DreamVideo (or its text-to-video base).
 
   python -m dreamvideo_jax.train --config=configs/tiny.py --workdir=/tmp/dreamvideo_tiny
   python -m dreamvideo_jax.train --config=configs/modelscope_t2v.py --workdir=gs://BUCKET/runs/x \
-      --config.init_from=gs://BUCKET/base/modelscope --config.train.batch_size=64 --multihost
+      --config.init_from=gs://BUCKET/base/modelscope --config.train.per_device_batch_size=2 --multihost
 
 Rerunning a command with the same workdir resumes from its latest checkpoint. On a multi-host TPU slice pass
 `--multihost` (every worker runs the same command); on CPU/GPU clusters also pass `--coordinator_address`,

@@ -69,6 +69,22 @@ def test_mesh_sizes_and_errors():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
+def test_per_device_batch_scales_with_the_mesh():
+    """`train.per_device_batch_size` makes one config run on any slice size (the global batch follows the mesh);
+    a fixed global batch that does not divide the mesh is an error that names the way out."""
+    c = train_config()
+    c.train.per_device_batch_size = 2
+    tr = Trainer(c, mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    assert c.train.batch_size == tr.config.train.batch_size == 8  # 2 per device x data 2 x fsdp 2
+    c = train_config()
+    c.train.batch_size = 12
+    with pytest.raises(ValueError, match=r"batch_size=12 must be divisible by .* = 8 devices .*per_device_batch_size"):
+        Trainer(c, mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    c.train.per_device_batch_size = -1
+    with pytest.raises(ValueError, match=r"train.per_device_batch_size=-1 must be >= 0"):
+        Trainer(c)
+
+
 def test_sharding_rules_fall_back_and_big_leaves_are_sharded():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     cfg = train_config()

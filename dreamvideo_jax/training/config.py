@@ -22,6 +22,9 @@ def train_defaults() -> ml_collections.ConfigDict:
         trainable=(),  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = mode default
         num_steps=100_000,
         batch_size=8,  # global, over all processes
+        # > 0: the global batch is this many clips per data-parallel device (the mesh's data x fsdp), which
+        # replaces batch_size when the trainer is built (config.json records both); 0 = use batch_size.
+        per_device_batch_size=0,
         # Optimizer: AdamW with linear warmup then `lr_schedule`, global-norm clipping.
         learning_rate=5e-5,
         lr_schedule="cosine",  # 'cosine' | 'linear' | 'constant' (after warmup)
@@ -72,6 +75,9 @@ def check_config(config) -> None:
         raise ValueError(f"train.num_steps={t.num_steps} must be >= 0")
     if int(t.batch_size) < 1:
         raise ValueError(f"train.batch_size={t.batch_size} must be >= 1")
+    if int(t.get("per_device_batch_size", 0)) < 0:
+        raise ValueError(f"train.per_device_batch_size={t.per_device_batch_size} must be >= 0 (0 = use "
+                         "train.batch_size)")
     if int(t.get("eval_every", 0)) < 0 or int(t.get("eval_batches", 1)) < 1:
         raise ValueError(f"train.eval_every={t.get('eval_every')} must be >= 0 and train.eval_batches="
                          f"{t.get('eval_batches')} >= 1")
@@ -110,3 +116,13 @@ def check_config(config) -> None:
         for key in ("num_frames", "height", "width"):
             if key in d and key in config and int(d[key]) != int(config[key]):
                 raise ValueError(f"data.{key}={d[key]} differs from {key}={config[key]} (the model's clip size)")
+
+
+def resolve_batch_size(config, divisor: int) -> int:
+    """The global batch for a mesh whose batch axes split it `divisor` ways: `train.per_device_batch_size *
+    divisor` when that is set (> 0; written into `train.batch_size`), else `train.batch_size`."""
+    t = config.train
+    per_device = int(t.get("per_device_batch_size", 0))
+    if per_device > 0:
+        t.batch_size = per_device * divisor
+    return int(t.batch_size)

@@ -38,9 +38,11 @@ class Trainer:
         self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh, devices)
         self.rules = mesh_lib.rules_from_config(config.sharding)
         divisor = mesh_lib.batch_divisor(self.mesh)
+        train_config.resolve_batch_size(config, divisor)  # train.per_device_batch_size -> train.batch_size
         if int(config.train.batch_size) % divisor:
             raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the mesh's "
-                             f"data x fsdp = {divisor} devices")
+                             f"data x fsdp = {divisor} devices (or set train.per_device_batch_size, which "
+                             f"scales with the slice)")
         if int(config.train.batch_size) % jax.process_count():
             raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the process "
                              f"count {jax.process_count()}")
