@@ -177,11 +177,8 @@ def test_mesh_specs_leave_out_axes_that_do_not_divide():
     assert A._mesh_specs(mesh, 3, 4) == P(None, None, "tensor", None)
 
 
-def test_auto_rule_by_platform(monkeypatch):
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    x = lambda t, dtype=f32, n=5, h=64: jax.ShapeDtypeStruct((2, t, n, h), dtype)
-    assert A.resolve("auto", x(1024), x(1024)) == "closed_form"  # this CPU
-    monkeypatch.setattr(A, "platform", lambda: "tpu")
+def _tpu_rule(x):
+    bf16 = jnp.bfloat16
     assert A.resolve("auto", x(1024, bf16), x(1024, bf16)) == "splash"  # spatial self-attention
     assert A.resolve("auto", x(4096), x(4096)) == "splash"
     assert A.resolve("auto", x(16384), x(77)) == "xla"  # cross-attention to the text
@@ -189,6 +186,21 @@ def test_auto_rule_by_platform(monkeypatch):
     assert A.resolve("auto", x(77, n=16), x(77, n=16), True) == "xla"  # text encoder
     assert A.resolve("auto", x(1024, n=1, h=512), x(1024, n=1, h=512)) == "splash"  # the VAE's one 512-wide head
     assert A.resolve("auto", x(1024, h=8), x(1024, h=8)) == "xla"  # head sizes that are not multiples of 64
+
+
+def test_auto_rule_by_platform(monkeypatch):
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    x = lambda t, dtype=f32, n=5, h=64: jax.ShapeDtypeStruct((2, t, n, h), dtype)
+    from dreamvideo_jax.parallel.mesh import make_mesh
+
+    assert A.resolve("auto", x(1024), x(1024)) == "closed_form"  # this CPU
+    monkeypatch.setattr(A, "platform", lambda: "tpu")
+    # A program for several devices with no context mesh: XLA could not partition the kernel.
+    assert jax.device_count() > 1 and A.resolve("auto", x(1024, bf16), x(1024, bf16)) == "xla"
+    with jax.set_mesh(make_mesh({"data": 1}, jax.devices()[:1])):
+        _tpu_rule(x)
+    with jax.set_mesh(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])):
+        _tpu_rule(x)
     monkeypatch.setattr(A, "platform", lambda: "gpu")
     assert A.resolve("auto", x(1024, bf16), x(1024, bf16)) == "cudnn"
     assert A.resolve("auto", x(1024), x(1024)) == "xla"  # cuDNN's flash attention has no float32

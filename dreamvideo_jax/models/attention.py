@@ -11,12 +11,12 @@ gradients come back in the input dtype, and every implementation takes the softm
 
   with `P` saved from the forward. `jax.nn.dot_product_attention` differentiated op by op makes several passes over
   the `(B, N, T, S)` probabilities; on XLA:CPU that made the 32×32-latent self-attention the largest cost of the
-  bench train step (WORKSPACE.md, Benchmarks). Saving `P` is what costs memory on an accelerator: 5.2 GiB for the
+  bench train step (WORKSPACE.md, Benchmarks). Saving `P` is what costs memory on an accelerator: 5 GiB for the
   level-0 self-attention of one 16-frame video at 512², 15 GiB at the sampling batch (3 guidance branches).
 - 'xla': the same forward, keeping only the row log-sum-exp `(B, N, T, 1)` besides q, k, v and the output; the
   backward recomputes `P = exp(Q Kᵀ · scale − lse)` and applies the closed form (flash attention's backward,
   written as whole-matrix XLA ops that XLA fuses). Measured on XLA:TPU against `jax.nn.dot_product_attention`
-  under `jax.checkpoint` (also nothing kept, `_jax_nn`), it reads 10-50% fewer bytes in every training case
+  under `jax.checkpoint` (also nothing kept, `_jax_nn`), its roofline is 1.0-2.0× faster in every training case
   (benchmarks/attention_tpu.py).
 - 'splash': the Pallas TPU splash-attention kernels (flash attention: the backward keeps the output and the row
   log-sum-exp and recomputes the probabilities block by block; nothing `(B, N, T, S)` is ever in HBM). Sequences
@@ -24,7 +24,8 @@ gradients come back in the input dtype, and every implementation takes the softm
   (causal masks need none); queries are pre-scaled by 1/sqrt(H). Inside a jitted program on a mesh set with
   `jax.set_mesh` (as the Trainer does), the kernel runs per device under `jax.shard_map`: batch over the mesh's
   'data' and 'fsdp' axes and heads over 'tensor', each where it divides (an axis that does not divide is left out,
-  and that dimension is computed whole on each of its devices). Without a mesh in context it is one program.
+  and that dimension is computed whole on each of its devices). Without a mesh in context it is one program (for
+  one device: XLA cannot partition a Pallas kernel over several, see 'auto').
   `splash_interpret()` runs the kernels in the Pallas interpreter, so tests run them on CPU.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused flash attention (GPU only;
   bfloat16/float16, head size a multiple of 8 up to 128).
@@ -33,12 +34,17 @@ gradients come back in the input dtype, and every implementation takes the softm
     cpu → 'closed_form' (numerics and speed as before the other implementations existed);
     gpu → 'cudnn' where cuDNN supports the call (dtype, head size), else 'xla';
     tpu → 'splash' when there are at least SPLASH_MIN_KV = 128 keys and the head size is a multiple of 64, else
-          'xla'. The rule follows XLA:TPU's compiles for v5e (WORKSPACE.md, "Attention on TPU"): splash won every
-          self-attention of 256 tokens or more (level 0: roofline 2.9× faster at 256² and 5.5× at 512² for the
-          train step, 10× less temp memory; at 512² with the three sampling branches it is the only one that
-          compiles) and the VAE's single 512-wide head; 'xla' won or tied with 64 tokens (level 2 at 256²),
-          cross-attention to the 77 text tokens (1.3-2.1×), temporal attention over 16 frames (2.6-3×: splash
-          pads 16 to 128 both ways) and the text encoder's 77 causal tokens.
+          'xla'; and 'xla' wherever a program for more than one device is traced without a context mesh (XLA
+          refuses to partition a Pallas kernel, "Mosaic kernels cannot be automatically partitioned", and without
+          the mesh there is nothing to shard_map over: callers that jit the model over several devices set theirs
+          with `jax.set_mesh`, as the Trainer and the Sampler do).
+          The rule follows XLA:TPU's compiles for v5e (benchmarks/attention_tpu.py; WORKSPACE.md, "Attention on
+          TPU"): splash won every self-attention of 256 tokens or more (level 0: roofline 2.9× faster than 'xla'
+          at 256² and 5.5× at 512² for the train step, 10× less temp memory; at 512² with the three sampling
+          branches it is the only one XLA:TPU compiles) and the VAE's single 512-wide head; 'xla' won or tied
+          with 64 tokens (level 2 at 256²), cross-attention to the 77 text tokens (1.3-2.3×), temporal attention
+          over 16 frames (1.7-3×, and GiBs less temp memory: splash pads 16 to 128 both ways) and the text
+          encoder's 77 causal tokens.
 
 On TPU and GPU no implementation but 'closed_form' keeps a `(B, N, T, S)` tensor for the backward.
 """
@@ -286,6 +292,8 @@ def resolve(implementation: str, q, k, is_causal: bool = False) -> str:
     if p == "gpu":
         return "cudnn" if _cudnn_supports(q, k) else "xla"  # see also dot_product_attention's fallback
     if p == "tpu":
+        if jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1:
+            return "xla"  # inputs may be sharded, and XLA cannot partition a Pallas kernel: see the docstring
         return "splash" if _splash_supports(q, k) else "xla"
     return "closed_form"
 
