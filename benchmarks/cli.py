@@ -5,6 +5,7 @@ and the sampling loop.
   python -m benchmarks --suite=config --config=configs/demo_shapes.py:t2v [--steps=10] [--step_memory]
   python -m benchmarks --suite=data [--data_batch_size=16 --data_batches=60 --train_step_s=0.26 --skip_real]
   python -m benchmarks --suite=sampling_loop [--config=configs/tiny.py] [--sampling_steps=10,25 ...] [--toy_models]
+  PYTHONPATH=.:/path/to/libtpu_pkg python -m benchmarks --suite=attention_tpu
 
 Suites (each module's docstring has the details):
   train, sample, memory, scaling, fullsize   benchmarks/model.py: the U-Net + retention branch side by side
@@ -16,6 +17,9 @@ Suites (each module's docstring has the details):
   data            benchmarks/data.py: input-pipeline clips/s next to what the demo's train step consumes.
   sampling_loop   benchmarks/sampling.py: the sampling pipeline's Python loop vs lax.scan (`--config`, default
       configs/tiny.py).
+  attention_tpu   benchmarks/attention_tpu.py: the attention implementations compiled by XLA:TPU for a v5e chip
+      without a TPU (libtpu on PYTHONPATH): memory, FLOPs, bytes, roofline. Its own flags: `python -m
+      benchmarks.attention_tpu --help`.
 
 Train steps are timed as `Trainer.train_step` runs them, sampling as `Sampler` runs it; every table says what
 each side times. `--retain_freed_memory` keeps freed memory in the process for both frameworks
@@ -37,10 +41,10 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-from benchmarks import common, data, model, sampling, train_config
+from benchmarks import attention_tpu, common, data, model, sampling, train_config
 
 ALL = tuple(model.SUITES)  # --suite=all
-SUITES = ALL + ("config", "data", "sampling_loop")
+SUITES = ALL + ("config", "data", "sampling_loop", "attention_tpu")
 DEFAULT_SAMPLING_CONFIG = "configs/tiny.py"
 
 
@@ -102,7 +106,8 @@ def run(suites, quick: bool = False, config: Any = None, steps: int = 10, suite_
         return sampling.run(cfg, config_name=config_name or name, **(sampling_options or {}))
 
     fns = {name: (lambda f: lambda: f(s, cache))(f) for name, f in model.SUITES.items()}
-    fns.update(config=config_suite, data=lambda: data.run(**(data_options or {})), sampling_loop=sampling_suite)
+    fns.update(config=config_suite, data=lambda: data.run(**(data_options or {})), sampling_loop=sampling_suite,
+               attention_tpu=attention_tpu.run)
     t_all = time.perf_counter()
     for name in suites:
         t0 = time.perf_counter()
@@ -132,6 +137,8 @@ def print_tables(res: dict) -> None:
         data.print_table(res["data"])
     if "sampling_loop" in res:
         sampling.print_table(res["sampling_loop"])
+    if "attention_tpu" in res:
+        attention_tpu.print_table(res["attention_tpu"])
     common.print_walls(res)
 
 

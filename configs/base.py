@@ -26,6 +26,7 @@ def get_config(arg=None):
     m.param_dtype = "float32"  # parameter dtype
     m.remat = False  # recompute each ResNet / temporal conv / attention / feed-forward in the backward (less memory)
     m.remat_policy = "nothing_saveable"  # 'nothing_saveable' (works on XLA:CPU too) | a jax.checkpoint_policies name
+    m.attention = "auto"  # 'auto' (by platform) | 'closed_form' | 'xla' | 'splash' (TPU) | 'cudnn' (GPU); attention.py
 
     # 3D U-Net (diffusers UNet3DConditionModel field names; text-to-video-ms-1.7b's values).
     m.unet = u = ml_collections.ConfigDict()

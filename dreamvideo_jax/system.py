@@ -61,7 +61,7 @@ DEFAULT_TRAINABLE = {
 REFERENCE_SKIP_PARAM = "reference_skip/gate"
 
 # Keys under `model` that change numerics or memory but not the parameter tree; they may differ on resume.
-RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy")
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy", "attention")
 
 # Token ids of CLIP's start and end of text.
 BOS_ID, EOS_ID = 49406, 49407

@@ -2,6 +2,8 @@
 in-process (timing the library's `Trainer.train_step` and `Sampler`), the data and sampling-loop suites, and the
 `config` suite's arguments. No timing is asserted."""
 
+import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -206,3 +208,27 @@ def test_config_suite_arguments(tmp_path):
         common.load_config(str(tmp_path / "missing.py"))
     with pytest.raises(app.UsageError):
         cli.main(["--suite=config"])  # --config is required
+
+
+def test_attention_tpu_kernel_work_model():
+    """The splash kernels' work that XLA's cost analysis cannot see: FLOPs by computed blocks, causal half skipped."""
+    from benchmarks import attention_tpu as at
+
+    full = at.Case("c", (2, 1024, 5, 64), 1024, False, "train", "")
+    causal = at.Case("c", (2, 1024, 5, 64), 1024, True, "train", "")
+    flops, extra = at._splash_kernel_work(full, 2)
+    assert flops == 9 * (2.0 * 1024 * 1024 * 64) * 2 * 5  # forward 2 + dq 3 + dkv 4 matmuls, all blocks
+    assert extra > 0
+    assert at._splash_kernel_work(causal, 2)[0] == flops * 3 / 4  # 512-blocks: 3 of the 2x2 blocks are computed
+    fwd = at._splash_kernel_work(dataclasses.replace(full, program="forward"), 2)[0]
+    assert fwd == flops * 2 / 9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu on PYTHONPATH (XLA:TPU compiler)")
+def test_attention_tpu_suite_compiles_for_v5e():
+    from benchmarks import attention_tpu as at
+
+    res = at.run(impls=("xla", "splash"), dtypes=("bfloat16",), cases=("text",), sharded_check=False)
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert set(rows) == {"xla", "splash"} and all("error" not in r for r in rows.values())
+    assert rows["splash"]["kernel_flops"] > 0 and rows["xla"]["auto"] == "xla"

@@ -1,6 +1,6 @@
 """Modules from a config's `model` section, consistency checks across them, and abstract/real init.
 
-`config.model` holds: dtype, param_dtype, remat, remat_policy, unet (UNetConfig fields), retention
+`config.model` holds: dtype, param_dtype, remat, remat_policy, attention, unet (UNetConfig fields), retention
 (RetentionConfig fields), text (TextConfig fields), vae_kind ('kl' | 'patch'), vae (VAEConfig fields),
 patch (PatchConfig fields).
 """
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dreamvideo_jax.models import attention as attention_lib
 from dreamvideo_jax.models.dreamvideo import DreamVideo
 from dreamvideo_jax.models.retention import RetentionConfig, init_retention_from_unet
 from dreamvideo_jax.models.text_encoder import CLIPTextEncoder, TextConfig
@@ -47,6 +48,7 @@ def model_defaults() -> ml_collections.ConfigDict:
         param_dtype="float32",
         remat=False,
         remat_policy="nothing_saveable",
+        attention="auto",
         unet=dataclasses.asdict(UNetConfig()),
         retention=dataclasses.asdict(RetentionConfig()),
         text=dataclasses.asdict(TextConfig()),
@@ -68,8 +70,13 @@ def text_config(m) -> TextConfig:
     return _from(TextConfig, m.text)
 
 
+def attention(m) -> str:
+    """`model.attention`, checked; 'auto' where a config predates the key."""
+    return attention_lib.check_implementation(m.get("attention", "auto"))
+
+
 def _runtime(m) -> dict:
-    return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+    return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), attention=attention(m))
 
 
 def build_unet(m) -> UNet3D:
@@ -89,7 +96,7 @@ def build_autoencoder(m) -> Autoencoder:
     if m.vae_kind == "kl":
         return AutoencoderKL(_from(VAEConfig, m.vae), **_runtime(m))
     if m.vae_kind == "patch":
-        return PatchAutoencoder(_from(PatchConfig, m.patch), **_runtime(m))
+        return PatchAutoencoder(_from(PatchConfig, m.patch), dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     raise ValueError(f"model.vae_kind={m.vae_kind!r}; use one of {VAE_KINDS}")
 
 
@@ -106,6 +113,7 @@ def latent_channels(m) -> int:
 def check_model_config(m) -> None:
     """Cross-component consistency; raises ValueError naming the config keys that disagree."""
     u, r, t = unet_config(m), retention_config(m), text_config(m)
+    attention(m)
     if m.vae_kind not in VAE_KINDS:
         raise ValueError(f"model.vae_kind={m.vae_kind!r}; use one of {VAE_KINDS}")
     lc = latent_channels(m)

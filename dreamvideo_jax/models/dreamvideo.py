@@ -40,10 +40,11 @@ class DreamVideo(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "auto"  # attention implementation of both networks (models/attention.py)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        rm = dict(remat=self.remat, remat_policy=self.remat_policy)
+        rm = dict(remat=self.remat, remat_policy=self.remat_policy, attention=self.attention)
         self.unet = UNet3D(self.unet_config, **kw, **rm)
         self.retention = ImageRetention(self.unet_config, self.retention_config.conditioning_scale, **kw, **rm)
         self.image_conv = ImageConv(self.retention_config, self.unet_config.block_out_channels[0], **kw)

@@ -163,6 +163,7 @@ class AttentionPooling(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x):
@@ -176,7 +177,8 @@ class AttentionPooling(nn.Module):
         x = jnp.concatenate([query, x], axis=1)
         proj = lambda name, y: dense(d, name, axes=(ax.EMBED, ax.HEADS), **kw)(y).reshape(
             b, y.shape[1], self.num_heads, d // self.num_heads)
-        pooled = dot_product_attention(proj("q_proj", query), proj("k_proj", x), proj("v_proj", x))
+        pooled = dot_product_attention(proj("q_proj", query), proj("k_proj", x), proj("v_proj", x),
+                                       implementation=self.attention)
         return pooled.reshape(b, d)
 
 
@@ -189,12 +191,13 @@ class TextTimeEmbedding(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # see AttentionPooling
 
     @nn.compact
     def __call__(self, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = layer_norm(1e-5, "norm1", **kw)(context.astype(self.dtype))
-        x = AttentionPooling(self.num_heads, name="pool", **kw)(x)
+        x = AttentionPooling(self.num_heads, name="pool", attention=self.attention, **kw)(x)
         x = dense(self.features, "proj", **kw)(x)
         return layer_norm(1e-5, "norm2", **kw)(x)
 
@@ -214,6 +217,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -236,7 +240,8 @@ class Attention(nn.Module):
         proj = lambda name, y: dense(inner, name, use_bias=self.qkv_bias, axes=(ax.EMBED, ax.HEADS), **kw)(y)
         q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
         split = lambda y: y.reshape(y.shape[:-1] + (self.heads, self.dim_head))
-        o = dot_product_attention(split(q), split(k), split(v), is_causal=self.is_causal)
+        o = dot_product_attention(split(q), split(k), split(v), is_causal=self.is_causal,
+                                  implementation=self.attention)
         o = o.reshape(o.shape[:-2] + (inner,))
         o = dense(out_dim, "to_out_0", axes=(ax.HEADS, ax.EMBED), **kw)(o)
         if o.shape[0] != batch:
@@ -286,11 +291,13 @@ class BasicTransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None
+    attention: str = "auto"  # see Attention
 
     @nn.compact
     def __call__(self, x, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name: remat(Attention, self.remat_policy)(self.heads, self.dim_head, name=name, **kw)
+        attn = lambda name: remat(Attention, self.remat_policy)(self.heads, self.dim_head, name=name,
+                                                                attention=self.attention, **kw)
         x = attn("attn1")(layer_norm(1e-5, "norm1", **kw)(x)) + x
         ctx = None if self.double_self_attention else context
         x = attn("attn2")(layer_norm(1e-5, "norm2", **kw)(x), ctx) + x
@@ -307,6 +314,7 @@ class Transformer2D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None  # see BasicTransformerBlock
+    attention: str = "auto"  # see Attention
 
     @nn.compact
     def __call__(self, x, context):
@@ -316,7 +324,7 @@ class Transformer2D(nn.Module):
         y = group_norm(self.norm_groups, 1e-6, "norm", **kw)(x).reshape(n, h * w, c)
         y = dense(inner, "proj_in", **kw)(y)
         y = BasicTransformerBlock(self.heads, self.dim_head, name="transformer_blocks_0",
-                                  remat_policy=self.remat_policy, **kw)(y, context)
+                                  remat_policy=self.remat_policy, attention=self.attention, **kw)(y, context)
         y = dense(c, "proj_out", axes=(ax.MLP, ax.EMBED), **kw)(y)
         return y.reshape(n, h, w, c) + x
 
@@ -335,6 +343,7 @@ class TransformerTemporal(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: Optional[str] = None  # see BasicTransformerBlock
+    attention: str = "auto"  # see Attention
 
     @nn.compact
     def __call__(self, x):
@@ -348,7 +357,7 @@ class TransformerTemporal(nn.Module):
         y = dense(inner, "proj_in", **kw)(y)
         y = BasicTransformerBlock(
             self.heads, self.dim_head, double_self_attention=True, name="transformer_blocks_0",
-            remat_policy=self.remat_policy, **kw
+            remat_policy=self.remat_policy, attention=self.attention, **kw
         )(y)
         y = dense(c, "proj_out", zero_init=True, axes=(ax.MLP, ax.EMBED), **kw)(y)
         y = y.reshape(b, h, w, f, c).transpose(0, 3, 1, 2, 4).reshape(bf, h, w, c)

@@ -95,10 +95,11 @@ class ImageRetention(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "auto"  # see unet3d.Runtime
 
     @nn.compact
     def __call__(self, sample, timesteps, context, image_features, train: bool = False):
-        rt = Runtime(self.dtype, self.param_dtype, not train, self.remat, self.remat_policy)
+        rt = Runtime(self.dtype, self.param_dtype, not train, self.remat, self.remat_policy, self.attention)
         b, f = sample.shape[:2]
         x, skips, _, _ = encoder_forward(self.config, rt, sample, timesteps, context, extra_input=image_features)
         zero_conv = lambda c, name: L.conv(c, (1, 1), name, zero_init=True, **rt.kw)

@@ -73,6 +73,7 @@ class CLIPAttention(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x):
@@ -81,7 +82,7 @@ class CLIPAttention(nn.Module):
         head_dim = c.width // c.num_heads
         split = lambda y: y.reshape(y.shape[:-1] + (c.num_heads, head_dim))
         q, k, v = (split(L.dense(c.width, n, axes=(ax.EMBED, ax.HEADS), **kw)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        o = dot_product_attention(q, k, v, is_causal=True)
+        o = dot_product_attention(q, k, v, is_causal=True, implementation=self.attention)
         return L.dense(c.width, "out_proj", axes=(ax.HEADS, ax.EMBED), **kw)(o.reshape(x.shape))
 
 
@@ -89,12 +90,14 @@ class CLIPEncoderLayer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + CLIPAttention(c, name="self_attn", **kw)(L.layer_norm(c.eps, "layer_norm1", **kw)(x))
+        attn = CLIPAttention(c, name="self_attn", attention=self.attention, **kw)
+        x = x + attn(L.layer_norm(c.eps, "layer_norm1", **kw)(x))
         h = L.layer_norm(c.eps, "layer_norm2", **kw)(x)
         h = _MLP(c, name="mlp", **kw)(h)
         return x + h
@@ -117,11 +120,13 @@ class _Encoder(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.config.layers_run):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+            x = CLIPEncoderLayer(self.config, name=f"layers_{i}", dtype=self.dtype, param_dtype=self.param_dtype,
+                                 attention=self.attention)(x)
         return x
 
 
@@ -132,6 +137,7 @@ class CLIPTextEncoder(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, ids):
@@ -140,5 +146,5 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"token ids must be (B, L) with L <= {c.context_length}; got shape {tuple(ids.shape)}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = CLIPEmbeddings(c, name="embeddings", **kw)(ids)
-        x = _Encoder(c, name="encoder", **kw)(x)
+        x = _Encoder(c, name="encoder", attention=self.attention, **kw)(x)
         return L.layer_norm(c.eps, "final_layer_norm", **kw)(x)

@@ -98,7 +98,7 @@ class UNetConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """Non-architectural knobs shared by every block: dtypes, training mode, remat.
+    """Non-architectural knobs shared by every block: dtypes, training mode, remat, attention implementation.
 
     With `remat` on, every ResnetBlock and TemporalConvLayer, and inside every transformer (`transformer_in`
     included) each attention and the feed-forward, is a rematerialisation region (`models/remat.py`; policy
@@ -112,6 +112,7 @@ class Runtime:
     deterministic: bool = True
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "auto"  # models/attention.py; config key model.attention
 
     @property
     def kw(self):
@@ -137,9 +138,10 @@ def _layer(cfg: UNetConfig, rt: Runtime, i: int, x, temb, context, out_channels:
                                      rt.deterministic, name=f"temp_convs_{i}", **rt.kw)(x)
     if has_attn:
         x = L.Transformer2D(heads, cfg.attention_head_dim, cfg.norm_num_groups, name=f"attentions_{i}",
-                            remat_policy=rt.policy, **rt.kw)(x, context)
+                            remat_policy=rt.policy, attention=rt.attention, **rt.kw)(x, context)
         x = L.TransformerTemporal(heads, cfg.attention_head_dim, cfg.norm_num_groups, num_frames,
-                                  name=f"temp_attentions_{i}", remat_policy=rt.policy, **rt.kw)(x)
+                                  name=f"temp_attentions_{i}", remat_policy=rt.policy, attention=rt.attention,
+                                  **rt.kw)(x)
     return L.constrain_frames(x)
 
 
@@ -184,9 +186,10 @@ class MidBlock3D(nn.Module):
         x = temp_conv(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
                       rt.deterministic, name="temp_convs_0", **rt.kw)(x)
         x = L.Transformer2D(heads, cfg.attention_head_dim, cfg.norm_num_groups, name="attentions_0",
-                            remat_policy=rt.policy, **rt.kw)(x, context)
+                            remat_policy=rt.policy, attention=rt.attention, **rt.kw)(x, context)
         x = L.TransformerTemporal(heads, cfg.attention_head_dim, cfg.norm_num_groups, self.num_frames,
-                                  name="temp_attentions_0", remat_policy=rt.policy, **rt.kw)(x)
+                                  name="temp_attentions_0", remat_policy=rt.policy, attention=rt.attention,
+                                  **rt.kw)(x)
         x = resnet(c, cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_dropout, rt.deterministic,
                    name="resnets_1", **rt.kw)(x, temb)
         x = temp_conv(self.num_frames, cfg.norm_num_groups, 1e-5, cfg.temporal_dropout,
@@ -254,7 +257,7 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
     context = context.astype(rt.dtype)
     if cfg.addition_embed_type == "text":
         temb = temb + L.TextTimeEmbedding(4 * c0, cfg.addition_embed_type_num_heads, name="add_embedding",
-                                          **rt.kw)(context)
+                                          attention=rt.attention, **rt.kw)(context)
     temb = jnp.repeat(temb, f, axis=0)
 
     x = L.conv(c0, (3, 3), "conv_in", **rt.kw)(_frames_as_batch(sample.astype(rt.dtype)))
@@ -262,7 +265,7 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
         x = x + jnp.repeat(extra_input.astype(rt.dtype), f, axis=0)
     x = L.constrain_frames(x)
     x = L.TransformerTemporal(cfg.transformer_in_heads, cfg.attention_head_dim, cfg.norm_num_groups, f,
-                              name="transformer_in", remat_policy=rt.policy, **rt.kw)(x)
+                              name="transformer_in", remat_policy=rt.policy, attention=rt.attention, **rt.kw)(x)
     skips = [x]
     n = len(cfg.block_out_channels)
     for i, (kind, ch) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
@@ -281,12 +284,13 @@ class UNet3D(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    attention: str = "auto"  # see Runtime
 
     @nn.compact
     def __call__(self, sample, timesteps, context, down_block_additional_residuals: Optional[Sequence] = None,
                  mid_block_additional_residual=None, train: bool = False):
         cfg = self.config
-        rt = Runtime(self.dtype, self.param_dtype, not train, self.remat, self.remat_policy)
+        rt = Runtime(self.dtype, self.param_dtype, not train, self.remat, self.remat_policy, self.attention)
         b, f = sample.shape[:2]
         x, skips, temb, context = encoder_forward(cfg, rt, sample, timesteps, context)
         if down_block_additional_residuals is not None:

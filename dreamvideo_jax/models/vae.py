@@ -49,6 +49,7 @@ class _MidBlock(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # attention implementation (models/attention.py; config key model.attention)
 
     @nn.compact
     def __call__(self, x):
@@ -57,7 +58,7 @@ class _MidBlock(nn.Module):
         x = L.ResnetBlock(ch, c.norm_num_groups, 1e-6, name="resnets_0", **kw)(x)
         if c.mid_block_add_attention:
             x = L.Attention(1, ch, qkv_bias=True, norm_groups=c.norm_num_groups, norm_eps=1e-6,
-                            name="attentions_0", **kw)(x)
+                            name="attentions_0", attention=self.attention, **kw)(x)
         return L.ResnetBlock(ch, c.norm_num_groups, 1e-6, name="resnets_1", **kw)(x)
 
 
@@ -99,6 +100,7 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # see _MidBlock
 
     @nn.compact
     def __call__(self, x):
@@ -107,7 +109,7 @@ class Encoder(nn.Module):
         x = L.conv(ch[0], (3, 3), "conv_in", **kw)(x)
         for i, out in enumerate(ch):
             x = _DownEncoderBlock(c, out, i < len(ch) - 1, name=f"down_blocks_{i}", **kw)(x)
-        x = _MidBlock(c, name="mid_block", **kw)(x)
+        x = _MidBlock(c, name="mid_block", attention=self.attention, **kw)(x)
         x = nn.silu(L.group_norm(c.norm_num_groups, 1e-6, "conv_norm_out", **kw)(x))
         return L.conv(2 * c.latent_channels, (3, 3), "conv_out", **kw)(x)
 
@@ -116,13 +118,14 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # see _MidBlock
 
     @nn.compact
     def __call__(self, z):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ch = tuple(reversed(c.block_out_channels))
         x = L.conv(ch[0], (3, 3), "conv_in", **kw)(z)
-        x = _MidBlock(c, name="mid_block", **kw)(x)
+        x = _MidBlock(c, name="mid_block", attention=self.attention, **kw)(x)
         for i, out in enumerate(ch):
             x = _UpDecoderBlock(c, out, i < len(ch) - 1, name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(L.group_norm(c.norm_num_groups, 1e-6, "conv_norm_out", **kw)(x))
@@ -135,11 +138,12 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"  # see _MidBlock
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(c, **kw)
-        self.decoder = Decoder(c, **kw)
+        self.encoder = Encoder(c, attention=self.attention, **kw)
+        self.decoder = Decoder(c, attention=self.attention, **kw)
         if c.use_quant_conv:
             self.quant_conv = L.conv(2 * c.latent_channels, (1, 1), None, **kw)
         if c.use_post_quant_conv:

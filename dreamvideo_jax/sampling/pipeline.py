@@ -528,13 +528,15 @@ class Sampler:
         bs = self._batch_sharding(mesh)
         text_params = params["params"]["text_encoder"]
         ids = jax.device_put(self.tokens(prompts), bs)
-        context = encode_text(self.system, text_params, ids, out_sharding=bs)
+        with jax.set_mesh(mesh):  # the context mesh: attention kernels shard themselves over it (models/attention.py)
+            context = encode_text(self.system, text_params, ids, out_sharding=bs)
         key = (self._mesh_key(mesh), len(prompts), negative)
         if key not in self._null:
             if len(self._null) > 16:
                 self._null.clear()
             null_ids = jax.device_put(self.tokens([negative] * len(prompts)), bs)
-            null = encode_text(self.system, text_params, null_ids, out_sharding=bs)
+            with jax.set_mesh(mesh):
+                null = encode_text(self.system, text_params, null_ids, out_sharding=bs)
             self._null[key] = jax.device_put(null[0], NamedSharding(mesh, P()))
         return context, self._null[key]
 
@@ -554,10 +556,11 @@ class Sampler:
             h, w = req.height // self.factor, req.width // self.factor
             shape = (req.padded, req.num_frames, h, w, system.latent_channels)
             need_latent = req.replace or (self.mode == "dreamvideo" and system.image_input == "latent")
-            x_t, model_image, latent, noise, keys = prepare(
-                system, params["params"]["vae"], jax.device_put(np.asarray(req.seeds, np.uint32), bs),
-                jax.device_put(np.int32(stage), rep), jax.device_put(req.images, bs), shape=shape,
-                need_latent=need_latent, out_sharding=bs)
+            seeds, stage_, images = (jax.device_put(np.asarray(req.seeds, np.uint32), bs),
+                                     jax.device_put(np.int32(stage), rep), jax.device_put(req.images, bs))
+            with jax.set_mesh(mesh):
+                x_t, model_image, latent, noise, keys = prepare(system, params["params"]["vae"], seeds, stage_, images,
+                                                                shape=shape, need_latent=need_latent, out_sharding=bs)
             jax.block_until_ready(x_t)
 
         cond = samplers.Conditioning(context, null, model_image)
@@ -577,7 +580,8 @@ class Sampler:
         row_list = [jax.device_put(rows, rep)] if o.loop == "scan" else [jax.device_put(r, rep) for r in rows]
         with self._timed("sample_s"):
             if o.loop == "scan":
-                state = samplers.guided_scan(model, schedule, state, row_list[0], cond, knobs, ref, **static)
+                with jax.set_mesh(mesh):
+                    state = samplers.guided_scan(model, schedule, state, row_list[0], cond, knobs, ref, **static)
                 jax.block_until_ready(state.x)
             else:
                 bar = None
@@ -588,7 +592,8 @@ class Sampler:
                                leave=False, dynamic_ncols=True)
                 prev = None
                 for row in row_list:
-                    state = samplers.guided_step(model, schedule, state, row, cond, knobs, ref, **static)
+                    with jax.set_mesh(mesh):
+                        state = samplers.guided_step(model, schedule, state, row, cond, knobs, ref, **static)
                     if prev is not None:  # keep one step queued; the bar tracks finished steps
                         jax.block_until_ready(prev)
                         if bar is not None:
@@ -605,5 +610,6 @@ class Sampler:
         f = latents.shape[1]
         chunk = min(int(self.options.decode_chunk_size) or f, f)
         params = self._placed_params(mesh)
-        return decode(self.system, params["params"]["vae"], latents, chunk=chunk,
-                      out_sharding=self._batch_sharding(mesh))
+        with jax.set_mesh(mesh):
+            return decode(self.system, params["params"]["vae"], latents, chunk=chunk,
+                          out_sharding=self._batch_sharding(mesh))
