@@ -24,7 +24,8 @@ Autoencoder = Union[AutoencoderKL, PatchAutoencoder]
 VAE_KINDS = ("kl", "patch")
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
+    """A dtype from its config name ('float32', 'bfloat16'), with an error naming it."""
     try:
         return jnp.dtype(name)
     except TypeError as e:
@@ -45,6 +46,7 @@ def model_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         dtype="float32",
         param_dtype="float32",
+        frozen_dtype="",
         remat=False,
         remat_policy="nothing_saveable",
         unet=dataclasses.asdict(UNetConfig()),
@@ -69,7 +71,7 @@ def text_config(m) -> TextConfig:
 
 
 def _runtime(m) -> dict:
-    return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+    return dict(dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
 
 
 def build_unet(m) -> UNet3D:
