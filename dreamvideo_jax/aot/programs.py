@@ -31,6 +31,7 @@ def tpu_environment() -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu warns that it found no TPU workers
 
 
 def topology_devices(slice_: chips_lib.Slice, num_devices: int = 0) -> list:
@@ -41,6 +42,10 @@ def topology_devices(slice_: chips_lib.Slice, num_devices: int = 0) -> list:
     """
     from jax.experimental import topologies
 
+    # What a TPU VM's metadata would say (without it libtpu prints warnings; the topology is given anyway).
+    chip = slice_.chip
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{'v5litepod' if chip.name == 'v5e' else chip.name}-"
+                                                  f"{slice_.chips * chip.cores_per_chip}")
     try:
         topo = topologies.get_topology_desc(topology_name=slice_.topology, platform="tpu", **dict(slice_.options))
     except RuntimeError as e:
