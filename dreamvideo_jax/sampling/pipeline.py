@@ -639,7 +639,8 @@ class Sampler:
         saved = self._mesh
         self._mesh = mesh if mesh is not None else self._mesh
         try:
-            images = np.zeros((8, 8, 3), np.uint8)
+            _, h0, w0 = self.default_size()
+            images = np.zeros((kwargs.get("height") or h0, kwargs.get("width") or w0, 3), np.uint8)
             req = self._request(images, [""] * batch, kwargs.get("num_frames"), kwargs.get("height"),
                                 kwargs.get("width"), None, None, kwargs.get("steps"), kwargs.get("sampler"), None,
                                 None, kwargs.get("first_frame_replacement"), quiet=True)
