@@ -146,3 +146,28 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(
         'error: compiling for TPU needs libtpu, which is not installed: pip install -e ".[tpu]"'), r.stderr
+
+
+def test_search_picks_the_fastest_setting_that_fits():
+    """The search's logic with a stand-in compiler: settings that do not fit or cannot be laid out are passed
+    over, and among the rest the best clips/s per chip wins (a larger per-chip batch at a longer step can win)."""
+    from dreamvideo_jax.aot.programs import ProgramReport
+
+    def fake_compile(cfg, devices):
+        per, remat = cfg.train.per_device_batch_size, cfg.model.remat
+        if cfg.mesh.tensor == 2:
+            raise ValueError("tensor=2 does not divide the heads")
+        peak = (6 if remat else 12) * per * 2**30
+        flops = per * 100e12 * (1.3 if remat else 1.0)
+        rep = ProgramReport("train_step", peak, 0, 0, 0, 0, flops, 1e9, 0, None, 0.0, 1.0, [])
+        return [rep], {"global_batch": per * len(devices), "mesh": {}}
+
+    log = []
+    found = programs.search(tiny.get_config(), chips.parse("v5e-4"), [None] * 4, compile_fn=fake_compile,
+                            log=log.append)
+    best = found["best"]
+    # v5e has 16 GiB, 10% kept free: no remat fits 1 clip (12 GiB); remat fits 2 (12 GiB), not 4 (24 GiB).
+    assert best["overrides"]["model.remat"] is True and best["overrides"]["train.per_device_batch_size"] == 2
+    assert best["flags"].startswith("--config.model.remat=True --config.train.per_device_batch_size=2")
+    assert any(line.startswith("skip") and "tensor=2" in line for line in log)
+    assert {r["fits"] for r in found["results"]} == {True, False}

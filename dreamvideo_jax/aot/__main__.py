@@ -44,6 +44,8 @@ flags.DEFINE_integer("height", 0, "sample: height in pixels (0 = the config's)."
 flags.DEFINE_integer("width", 0, "sample: width in pixels (0 = the config's).")
 flags.DEFINE_float("headroom", programs_lib.DEFAULT_HEADROOM, "Share of HBM to keep free when judging the fit.")
 flags.DEFINE_string("output", None, "Write the JSON report here.")
+flags.DEFINE_bool("search", False, "train: compile remat x clips per chip x mesh splits and report the fitting "
+                  "setting with the best roofline throughput, as --config flags (one compile each: slow at full size).")
 
 
 def main(argv) -> int:
@@ -60,6 +62,22 @@ def main(argv) -> int:
     programs_lib.tpu_environment()
     devices = programs_lib.topology_devices(slice_, FLAGS.devices)
     config = FLAGS.config
+    if FLAGS.search:
+        if FLAGS.program != "train":
+            raise InputError("search", True, "searches the train step's settings: use it with --program=train")
+        found = programs_lib.search(config, slice_, devices, FLAGS.headroom)
+        if FLAGS.output:
+            with open(FLAGS.output, "w") as f:
+                json.dump(found, f, indent=1)
+        best = found["best"]
+        if best is None:
+            print(f"nothing tried fits {slice_.topology}: a larger slice, bf16 (--config.model.dtype=bfloat16) "
+                  "or smaller clips", flush=True)
+            return 1
+        print(f"best on {slice_.topology}: {best['flags']} (peak {best['peak_gib']:.2f} GiB, roofline "
+              f"{1e3 * best['roofline_seconds']:.1f} ms, {best['clips_per_second_per_chip']:.3f} clips/s per chip)",
+              flush=True)
+        return 0
     if FLAGS.program == "train":
         try:
             reports, facts, _ = programs_lib.compile_train(config, devices)

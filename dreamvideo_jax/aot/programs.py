@@ -284,3 +284,71 @@ def table(report: dict) -> str:
         for s in report.get("suggestions", []):
             lines.append(f"  try: {s}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Search
+
+
+def candidates(config, num_devices: int) -> list[dict]:
+    """Train-step settings to try, as `{config key: value}` overrides: remat off/on x clips per chip 1, 2, 4 x
+    parameters sharded over every chip (fsdp) or replicated (data parallel), and tensor parallelism of 2 where
+    the chips allow. The config's own values are included."""
+    out = []
+    meshes = [{"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}]
+    if num_devices % 2 == 0 and num_devices > 2:
+        meshes.append({"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 2})
+    for remat in (False, True):
+        for per_device in (1, 2, 4):
+            for mesh in meshes:
+                out.append({"model.remat": remat, "train.per_device_batch_size": per_device, **mesh})
+    return out
+
+
+def apply_overrides(config, overrides: dict):
+    """A copy of `config` with dotted-key overrides."""
+    import ml_collections
+
+    from dreamvideo_jax import config_io
+
+    c = ml_collections.ConfigDict(config_io.to_dict(config))
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def search(config, slice_: chips_lib.Slice, devices, headroom: float = DEFAULT_HEADROOM,
+           compile_fn=None, log=print) -> dict:
+    """Compiles every candidate (`candidates`) and returns the fitting one with the highest throughput bound
+    (clips per second per chip = per-chip batch / roofline step time), with all results.
+
+    `compile_fn(config, devices) -> (reports, facts, ...)` defaults to `compile_train`."""
+    compile_fn = compile_fn or compile_train
+    results = []
+    for overrides in candidates(config, len(devices)):
+        cfg = apply_overrides(config, overrides)
+        flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+        try:
+            reports, facts = compile_fn(cfg, devices)[:2]
+        except ValueError as e:  # the mesh or batch does not fit this slice
+            log(f"skip {flags}: {one_line_error(e)}")
+            continue
+        rep = summarize(cfg, "train", slice_, len(devices), reports, facts, headroom)
+        per_chip = facts["global_batch"] / len(devices)
+        rate = per_chip / rep["roofline_seconds"] if rep["roofline_seconds"] > 0 else 0.0
+        results.append(dict(overrides=overrides, flags=flags, fits=rep["fits"], peak_gib=rep["peak_gib"],
+                            roofline_seconds=rep["roofline_seconds"], mfu_bound=rep["mfu_bound"],
+                            clips_per_second_per_chip=rate, compile_seconds=rep["compile_seconds"]))
+        log(f"{'fits' if rep['fits'] else 'OOM '} peak {rep['peak_gib']:6.2f} GiB  roofline "
+            f"{1e3 * rep['roofline_seconds']:8.1f} ms  {rate:7.3f} clips/s/chip  {flags}")
+    fitting = [r for r in results if r["fits"]]
+    best = max(fitting, key=lambda r: r["clips_per_second_per_chip"]) if fitting else None
+    return dict(best=best, results=results)
+
+
+def one_line_error(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
