@@ -165,7 +165,7 @@ def compile_train(config, devices) -> tuple[list[ProgramReport], dict, Any]:
     batch = tr.abstract_batch()
     t0 = time.perf_counter()
     tr.compile(tr.abstract_state, tr.abstract_frozen, batch)
-    report = report_of("train_step", tr._compiled, tr.lower_seconds, tr.compile_seconds - tr.lower_seconds)
+    report = report_of("train_step", tr.executable, tr.lower_seconds, tr.compile_seconds - tr.lower_seconds)
     trainable, frozen = tr.split(tr.abstract_params)
     count = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))  # noqa: E731
     facts = dict(global_batch=int(config.train.batch_size),

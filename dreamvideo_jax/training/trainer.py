@@ -159,13 +159,14 @@ class Trainer:
         return {"video": jax.ShapeDtypeStruct((b, frames, height, width, 3), video_dtype, sharding=bs),
                 "tokens": jax.ShapeDtypeStruct((b, self.system.context_length), np.int32, sharding=bs)}
 
+    @property
+    def executable(self):
+        """The compiled train step (`jax.stages.Compiled`; None before :meth:`compile` or the first step)."""
+        return self._compiled
+
     def memory_analysis(self):
         """XLA's per-device memory figures of the compiled train step (None before :meth:`compile`)."""
         return None if self._compiled is None else self._compiled.memory_analysis()
-
-    def compiled_text(self) -> str:
-        """The compiled train step's optimised HLO ('' before :meth:`compile`)."""
-        return "" if self._compiled is None else self._compiled.as_text()
 
     def train_step(self, state, frozen, batch):
         """One update; `state` is donated (do not use it afterwards)."""
