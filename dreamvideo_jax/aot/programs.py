@@ -12,6 +12,7 @@ published peak.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from dreamvideo_jax.aot import chips as chips_lib
 from dreamvideo_jax.errors import InputError, UserError
+
+log = logging.getLogger(__name__)
 
 PROGRAMS = ("train", "sample")
 DEFAULT_HEADROOM = 0.10  # share of HBM kept free for XLA's runtime, the input pipeline and fragmentation
@@ -123,10 +126,39 @@ def largest_values(hlo_text: str, top: int = 5) -> list[dict]:
     return sorted(seen.values(), key=lambda d: -d["bytes"])[:top]
 
 
+COMPILER_STACK_BYTES = 1 << 30
+
+
+def with_large_stack(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a thread with a 1 GiB stack (reserved, not used): XLA:TPU's compiler recurses deeply
+    on the largest programs and overflows a default 8 MiB main-thread stack (a segmentation fault)."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def target():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            result["error"] = e
+
+    old = threading.stack_size()
+    threading.stack_size(COMPILER_STACK_BYTES)
+    try:
+        thread = threading.Thread(target=target, name="xla-compile")
+        thread.start()
+    finally:
+        threading.stack_size(old)
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def measure(name: str, lowered, lower_seconds: float) -> tuple[ProgramReport, Any]:
     """Compiles `lowered` and reads XLA's memory and cost analyses; returns the report and the executable."""
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = with_large_stack(lowered.compile)
     compile_seconds = time.perf_counter() - t0
     return report_of(name, compiled, lower_seconds, compile_seconds), compiled
 
@@ -164,7 +196,7 @@ def compile_train(config, devices) -> tuple[list[ProgramReport], dict, Any]:
     tr = Trainer(config, devices=devices)
     batch = tr.abstract_batch()
     t0 = time.perf_counter()
-    tr.compile(tr.abstract_state, tr.abstract_frozen, batch)
+    with_large_stack(tr.compile, tr.abstract_state, tr.abstract_frozen, batch)
     report = report_of("train_step", tr.executable, tr.lower_seconds, tr.compile_seconds - tr.lower_seconds)
     trainable, frozen = tr.split(tr.abstract_params)
     count = lambda tree: int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))  # noqa: E731
@@ -197,6 +229,7 @@ def compile_sample(config, devices, *, batch: int = 1, num_frames: int | None = 
     reports = []
     for name, low in lowered.items():
         rep, _ = measure(name, low, lower_seconds if name == "encode_text" else 0.0)
+        log.info("compiled %s: peak %.3f GiB, %.1f s", name, rep.peak_bytes / chips_lib.GIB, rep.compile_seconds)
         reports.append(rep)
     f, h, w = sampler.default_size()
     facts = dict(batch=batch, clip=[num_frames or f, height or h, width or w], mesh={mesh_lib.DATA: len(devices)},
