@@ -23,7 +23,8 @@ def get_config(arg=None):
     # ---- model: the networks (models/build.py builds them from this section).
     config.model = m = ml_collections.ConfigDict()
     m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'
-    m.param_dtype = "float32"  # parameter dtype
+    m.param_dtype = "float32"  # parameter dtype (trainable weights and their optimizer state: the master copy)
+    m.frozen_dtype = ""  # storage of weights that are not trained ('bfloat16' halves them); '' = param_dtype
     m.remat = False  # recompute each ResNet / temporal conv / attention / feed-forward in the backward (less memory)
     m.remat_policy = "nothing_saveable"  # 'nothing_saveable' (works on XLA:CPU too) | a jax.checkpoint_policies name
     m.attention = "auto"  # 'auto' (by platform) | 'closed_form' | 'xla' | 'splash' (TPU) | 'cudnn' (GPU); attention.py

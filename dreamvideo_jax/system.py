@@ -61,7 +61,7 @@ DEFAULT_TRAINABLE = {
 REFERENCE_SKIP_PARAM = "reference_skip/gate"
 
 # Keys under `model` that change numerics or memory but not the parameter tree; they may differ on resume.
-RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy", "attention")
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "remat_policy", "attention", "frozen_dtype")
 
 # Token ids of CLIP's start and end of text.
 BOS_ID, EOS_ID = 49406, 49407
@@ -181,6 +181,8 @@ class System:
         self.latent_channels = model_build.latent_channels(m)
         self.image_input = model_build.retention_config(m).image_input
         self.context_length = model_build.text_config(m).context_length
+        frozen = m.get("frozen_dtype", "") or ""
+        self.frozen_dtype = model_build.dtype_of(frozen) if frozen else None
 
     # -- identity: equal systems share compiled programs (a System is a static argument of jitted functions) --
 
@@ -244,6 +246,21 @@ class System:
         for k, v in frozen.items():  # keep empty groups
             out.setdefault(k, v)
         return out
+
+    def store_frozen(self, tree: Any) -> Any:
+        """Weights that are not trained, in `model.frozen_dtype` (floating arrays or ShapeDtypeStructs; others
+        and everything when the key is '' pass unchanged)."""
+        if self.frozen_dtype is None:
+            return tree
+
+        def cast(x):
+            if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == self.frozen_dtype:
+                return x
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct(x.shape, self.frozen_dtype, sharding=x.sharding)
+            return x.astype(self.frozen_dtype)
+
+        return jax.tree.map(cast, tree)
 
     def conform(self, params: dict, what: str) -> dict:
         """Loaded weights restricted to this system's groups, checked against its parameter shapes.

@@ -25,7 +25,8 @@ Autoencoder = Union[AutoencoderKL, PatchAutoencoder]
 VAE_KINDS = ("kl", "patch")
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
+    """A dtype from its config name ('float32', 'bfloat16'), with an error naming it."""
     try:
         return jnp.dtype(name)
     except TypeError as e:
@@ -46,6 +47,7 @@ def model_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         dtype="float32",
         param_dtype="float32",
+        frozen_dtype="",
         remat=False,
         remat_policy="nothing_saveable",
         attention="auto",
@@ -76,7 +78,7 @@ def attention(m) -> str:
 
 
 def _runtime(m) -> dict:
-    return dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype), attention=attention(m))
+    return dict(dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype), attention=attention(m))
 
 
 def build_unet(m) -> UNet3D:
@@ -96,7 +98,7 @@ def build_autoencoder(m) -> Autoencoder:
     if m.vae_kind == "kl":
         return AutoencoderKL(_from(VAEConfig, m.vae), **_runtime(m))
     if m.vae_kind == "patch":
-        return PatchAutoencoder(_from(PatchConfig, m.patch), dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+        return PatchAutoencoder(_from(PatchConfig, m.patch), dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
     raise ValueError(f"model.vae_kind={m.vae_kind!r}; use one of {VAE_KINDS}")
 
 

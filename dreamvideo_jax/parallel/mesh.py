@@ -87,9 +87,10 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     sizes = dict(mesh_config.items()) if hasattr(mesh_config, "items") else dict(mesh_config)
     shape = resolve_axis_sizes(sizes, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
+    if devices == jax.devices():
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-    # A sub-mesh (tests, single-device debugging): plain row-major layout of the given devices.
+    # A sub-mesh (tests, single-device debugging) or the devices of a topology description (ahead-of-time
+    # compilation): plain row-major layout of the given devices.
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 

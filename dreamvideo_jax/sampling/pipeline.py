@@ -283,7 +283,8 @@ class Sampler:
         self.prediction_type = self.system.prediction_type
         self.schedule = self.system.schedule
         self.factor = self.system.factor
-        self._params = self.system.conform(params, "the weights")
+        # Nothing is trained here: every weight is stored in model.frozen_dtype ('bfloat16' halves them).
+        self._params = self.system.store_frozen(self.system.conform(params, "the weights"))
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
         self._mesh = mesh
@@ -540,43 +541,57 @@ class Sampler:
             self._null[key] = jax.device_put(null[0], NamedSharding(mesh, P()))
         return context, self._null[key]
 
+    def _step_inputs(self, req: _Request, mesh: Mesh, params: dict, place: Callable, context, null, prepared):
+        """The denoising loop's arguments: ``(model, schedule, state, rows, cond, knobs, ref, static)``, where
+        ``rows`` is the ``(N, 5)`` plan. ``place(numpy, sharding)`` puts host values on the mesh (`jax.device_put`,
+        or abstract values for :meth:`lower`); the other arguments are device values or abstract ones alike."""
+        bs = self._batch_sharding(mesh)
+        rep = NamedSharding(mesh, P())
+        x_t, model_image, latent, noise, keys = prepared
+        cond = samplers.Conditioning(context, null, model_image)
+        knobs = samplers.Knobs(place(req.image_scale, bs), place(req.text_scale, bs), place(np.float32(req.eta), rep),
+                               keys)
+        ref = samplers.Reference(latent, noise, place(np.full((req.padded,), req.replace), bs))
+        state = samplers.SamplerState(x_t, place(np.zeros(x_t.shape, np.float32), bs))
+        o = self.options
+        make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
+        timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
+        rows = samplers.sampling_plan(timesteps, bool(o.set_alpha_to_one)).rows()
+        model = jax.tree_util.Partial(GuidedModel(self.system), self.system.model_params(params["params"]))
+        static = dict(sampler=req.sampler, prediction_type=self.prediction_type,
+                      set_alpha_to_one=bool(o.set_alpha_to_one))
+        return model, params["schedule"], state, rows, cond, knobs, ref, static
+
+    def _prepare_args(self, req: _Request, mesh: Mesh, params: dict, place: Callable, stage: int):
+        """Arguments of `prepare` for a request (positional, keyword)."""
+        bs = self._batch_sharding(mesh)
+        system = self.system
+        h, w = req.height // self.factor, req.width // self.factor
+        shape = (req.padded, req.num_frames, h, w, system.latent_channels)
+        need_latent = req.replace or (self.mode == "dreamvideo" and system.image_input == "latent")
+        args = (system, params["params"]["vae"], place(np.asarray(req.seeds, np.uint32), bs),
+                place(np.int32(stage), NamedSharding(mesh, P())), place(req.images, bs))
+        return args, dict(shape=shape, need_latent=need_latent, out_sharding=bs)
+
     def _sample(self, req: _Request, stage: int, progress: bool) -> jax.Array:
         """The padded latents of one request, on device."""
         mesh, _ = self._mesh_for(req.batch)
         params = self._placed_params(mesh)
-        bs = self._batch_sharding(mesh)
         rep = NamedSharding(mesh, P())
-        system = self.system
 
         with self._timed("text_s"):
             context, null = self._encode_text(mesh, params, req.prompts, req.negative_prompt)
             jax.block_until_ready(context)
 
         with self._timed("prepare_s"):
-            h, w = req.height // self.factor, req.width // self.factor
-            shape = (req.padded, req.num_frames, h, w, system.latent_channels)
-            need_latent = req.replace or (self.mode == "dreamvideo" and system.image_input == "latent")
-            seeds, stage_, images = (jax.device_put(np.asarray(req.seeds, np.uint32), bs),
-                                     jax.device_put(np.int32(stage), rep), jax.device_put(req.images, bs))
+            args, kwargs = self._prepare_args(req, mesh, params, jax.device_put, stage)
             with jax.set_mesh(mesh):
-                x_t, model_image, latent, noise, keys = prepare(system, params["params"]["vae"], seeds, stage_, images,
-                                                                shape=shape, need_latent=need_latent, out_sharding=bs)
-            jax.block_until_ready(x_t)
+                prepared = prepare(*args, **kwargs)
+            jax.block_until_ready(prepared[0])
 
-        cond = samplers.Conditioning(context, null, model_image)
-        knobs = samplers.Knobs(jax.device_put(req.image_scale, bs), jax.device_put(req.text_scale, bs),
-                               jax.device_put(np.float32(req.eta), rep), keys)
-        ref = samplers.Reference(latent, noise, jax.device_put(np.full((req.padded,), req.replace), bs))
-        state = samplers.SamplerState(x_t, jax.device_put(np.zeros(x_t.shape, np.float32), bs))
+        model, schedule, state, rows, cond, knobs, ref, static = self._step_inputs(
+            req, mesh, params, jax.device_put, context, null, prepared)
         o = self.options
-        make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
-        timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
-        rows = samplers.sampling_plan(timesteps, bool(o.set_alpha_to_one)).rows()
-        model = jax.tree_util.Partial(GuidedModel(system), system.model_params(params["params"]))
-        static = dict(sampler=req.sampler, prediction_type=self.prediction_type,
-                      set_alpha_to_one=bool(o.set_alpha_to_one))
-        schedule = params["schedule"]
-
         row_list = [jax.device_put(rows, rep)] if o.loop == "scan" else [jax.device_put(r, rep) for r in rows]
         with self._timed("sample_s"):
             if o.loop == "scan":
@@ -605,6 +620,74 @@ class Sampler:
                     bar.close()
         self.timings.steps += len(rows)
         return state.x
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Ahead-of-time lowering
+
+    def lower(self, batch: int = 1, *, mesh: Mesh | None = None, **kwargs) -> dict[str, jax.stages.Lowered]:
+        """The programs one clip request runs, lowered for abstract inputs (nothing is computed or allocated):
+        ``{'encode_text', 'prepare', 'step', 'decode'}`` (``'step'`` is the whole loop when
+        ``sample.loop='scan'``). The arguments are assembled by the same code as :meth:`generate`'s, so these
+        are the programs a real call compiles; ``lowered.compile()`` runs the target's compiler (the devices of
+        ``mesh`` may come from a TPU topology description; see ``dreamvideo_jax.aot``).
+
+        Args:
+            batch: samples per call.
+            mesh: devices to lay the batch over (default: the sampler's mesh, else its automatic choice).
+            **kwargs: ``num_frames, height, width, steps, sampler, first_frame_replacement`` as for
+                :meth:`sample_latents`.
+        """
+        known = {"num_frames", "height", "width", "steps", "sampler", "first_frame_replacement"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"Sampler.lower: unknown arguments {unknown}; known: {sorted(known)}")
+        saved = self._mesh
+        self._mesh = mesh if mesh is not None else self._mesh
+        try:
+            _, h0, w0 = self.default_size()
+            images = np.zeros((kwargs.get("height") or h0, kwargs.get("width") or w0, 3), np.uint8)
+            req = self._request(images, [""] * batch, kwargs.get("num_frames"), kwargs.get("height"),
+                                kwargs.get("width"), None, None, kwargs.get("steps"), kwargs.get("sampler"), None,
+                                None, kwargs.get("first_frame_replacement"), quiet=True)
+            mesh, _ = self._mesh_for(req.batch)
+        finally:
+            self._mesh = saved
+        rep = NamedSharding(mesh, P())
+        bs = self._batch_sharding(mesh)
+
+        def place(x, sharding):
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=sharding)
+
+        def abstract(tree, sharding):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
+
+        def shaped(structs, sharding):  # eval_shape's outputs with the shardings the programs constrain them to
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), structs)
+
+        with jax.set_mesh(mesh):  # as the real calls: attention kernels shard themselves over the context mesh
+            params = abstract({"params": self._params, "schedule": self.schedule}, rep)
+            out: dict[str, jax.stages.Lowered] = {}
+            ids = place(np.zeros((req.padded, self.system.context_length), np.int32), bs)
+            text_fn = functools.partial(encode_text, self.system, out_sharding=bs)
+            out["encode_text"] = encode_text.lower(self.system, params["params"]["text_encoder"], ids, out_sharding=bs)
+            context = shaped(jax.eval_shape(text_fn, params["params"]["text_encoder"], ids), bs)
+            null = jax.ShapeDtypeStruct(context.shape[1:], context.dtype, sharding=rep)
+            args, pkw = self._prepare_args(req, mesh, params, place, 0)
+            out["prepare"] = prepare.lower(*args, **pkw)
+            prepared = jax.eval_shape(lambda *a: prepare(args[0], *a, **pkw), *args[1:])
+            prepared = tuple(shaped(a, bs) for a in prepared)
+            model, schedule, state, rows, cond, knobs, ref, static = self._step_inputs(
+                req, mesh, params, place, context, null, prepared)
+            if self.options.loop == "scan":
+                out["step"] = samplers.guided_scan.lower(model, schedule, state, place(rows, rep), cond, knobs, ref,
+                                                         **static)
+            else:
+                out["step"] = samplers.guided_step.lower(model, schedule, state, place(rows[0], rep), cond, knobs, ref,
+                                                         **static)
+            f = req.num_frames
+            chunk = min(int(self.options.decode_chunk_size) or f, f)
+            out["decode"] = decode.lower(self.system, params["params"]["vae"], state.x, chunk=chunk, out_sharding=bs)
+        return out
 
     def _decode(self, mesh: Mesh, latents: jax.Array) -> jax.Array:
         f = latents.shape[1]

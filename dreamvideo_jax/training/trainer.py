@@ -52,6 +52,7 @@ class Trainer:
         self.abstract_params = self.system.abstract
         self.trainable_shardings, self.frozen_shardings = self.system.split(self.param_shardings)
         abs_trainable, abs_frozen = self.system.split(self.abstract_params)
+        abs_frozen = self.system.store_frozen(abs_frozen)  # model.frozen_dtype
         self.tx, self.lr_fn = state_lib.make_optimizer(config.train)
         seed = int(config.seed)
         abs_state = jax.eval_shape(lambda p: state_lib.init_state(p, self.tx, seed), abs_trainable)
@@ -112,8 +113,9 @@ class Trainer:
                             if not isinstance(x, jax.Array) else jax.device_put(x, s), tree, shardings)
 
     def split(self, params: dict) -> tuple[dict, dict]:
-        """All params -> (trainable, frozen) (`System.split`)."""
-        return self.system.split(params)
+        """All params -> (trainable, frozen) (`System.split`), the frozen half stored in `model.frozen_dtype`."""
+        trainable, frozen = self.system.split(params)
+        return trainable, self.system.store_frozen(frozen)
 
     def merge(self, trainable: dict, frozen: dict) -> dict:
         return self.system.merge(trainable, frozen)
@@ -143,6 +145,28 @@ class Trainer:
             self._compiled = lowered.compile()
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+
+    def abstract_batch(self) -> dict:
+        """ShapeDtypeStructs (with the batch sharding) of the global batch the data pipeline feeds the step:
+        ``video`` ``(B, F, H, W, 3)`` (float32, or uint8 with ``data.as_uint8``) and ``tokens`` ``(B, L)``."""
+        c = self.config
+        b = int(c.train.batch_size)
+        data = c.get("data") or {}
+        frames = int(data.get("num_frames") or c.num_frames)
+        height, width = int(data.get("height") or c.height), int(data.get("width") or c.width)
+        video_dtype = np.uint8 if data.get("as_uint8", False) else np.float32
+        bs = sharding.batch_sharding(self.mesh)
+        return {"video": jax.ShapeDtypeStruct((b, frames, height, width, 3), video_dtype, sharding=bs),
+                "tokens": jax.ShapeDtypeStruct((b, self.system.context_length), np.int32, sharding=bs)}
+
+    @property
+    def executable(self):
+        """The compiled train step (`jax.stages.Compiled`; None before :meth:`compile` or the first step)."""
+        return self._compiled
+
+    def memory_analysis(self):
+        """XLA's per-device memory figures of the compiled train step (None before :meth:`compile`)."""
+        return None if self._compiled is None else self._compiled.memory_analysis()
 
     def train_step(self, state, frozen, batch):
         """One update; `state` is donated (do not use it afterwards)."""

@@ -4,11 +4,13 @@
 #   bash launch/tpu/pod.sh COMMAND [--option=value ...] [--dry_run]
 #
 # Commands
+#   compile  compile the train step for the slice here, with libtpu (python -m dreamvideo_jax.aot; needs
+#            `bash launch/setup.sh tpu` or the test extras): fails when it does not fit the chips' HBM
 #   create   create the TPU VM slice (gcloud compute tpus tpu-vm create)
 #   setup    copy this checkout (git archive of HEAD) to every worker and install it in ~/dreamvideo_jax/.venv
 #   train    start training on every worker (background, log in ~/dreamvideo_jax/train.log on each worker);
 #            rerun it after a preemption: training resumes from the workdir's latest checkpoint
-#   all      create + setup + train
+#   all      compile + create + setup + train (a config that does not fit is refused before any VM exists)
 #   status   show the slice's state        logs   print the last lines of worker 0's log
 #   stop     stop the training processes   delete delete the slice
 #
@@ -24,6 +26,7 @@
 #   --config=configs/X.py     config file [CONFIG]; default configs/modelscope_t2v.py
 #   --init_from=PATH          base checkpoint or workdir to start from [INIT_FROM]   (train, optional)
 #   --extra="--config.a=b"    more flags passed to dreamvideo_jax.train [EXTRA]
+#   --skip_compile            all: skip the compile check (it takes minutes at full size)
 #   --dry_run                 print every command instead of running it
 #
 # Example
@@ -50,6 +53,7 @@ PROJECT="${TPU_PROJECT:-}"
 ACCELERATOR="${TPU_ACCELERATOR:-}"
 VERSION="${TPU_VERSION:-}"
 SPOT=0
+SKIP_COMPILE=0
 WORKDIR="${WORKDIR:-}"
 DATA_DIR="${DATA_DIR:-}"
 CONFIG="${CONFIG:-configs/modelscope_t2v.py}"
@@ -73,6 +77,7 @@ for arg in "$@"; do
     --config=*) CONFIG="${arg#*=}" ;;
     --init_from=*) INIT_FROM="${arg#*=}" ;;
     --extra=*) EXTRA="${arg#*=}" ;;
+    --skip_compile) SKIP_COMPILE=1 ;;
     --dry_run|--dry-run) DRY_RUN=1 ;;
     *) die "unknown option $arg (see: bash launch/tpu/pod.sh --help)" ;;
   esac
@@ -105,6 +110,16 @@ run() {
 }
 
 on_all_workers() { run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command="$1"; }
+
+cmd_compile() {
+  [ -n "$ACCELERATOR" ] || die "--accelerator is required for compile (e.g. v4-32)"
+  local python="${PYTHON:-python}"
+  if [ -z "${PYTHON:-}" ] && [ -x "$REPO_ROOT/.venv/bin/python" ]; then python="$REPO_ROOT/.venv/bin/python"; fi
+  local args=("$python" -m dreamvideo_jax.aot --config="$CONFIG" --topology="$ACCELERATOR" --program=train)
+  local a
+  for a in $EXTRA; do case "$a" in --config.*) args+=("$a") ;; esac; done
+  run "${args[@]}" || die "the train step does not fit a $ACCELERATOR slice (the report above names the largest buffers and what to change); or pass --skip_compile"
+}
 
 cmd_create() {
   [ -n "$ACCELERATOR" ] || die "--accelerator is required for create (e.g. v4-32)"
@@ -142,11 +157,12 @@ case "$COMMAND" in
   create) cmd_create ;;
   setup) cmd_setup ;;
   train) cmd_train ;;
-  all) cmd_create; cmd_setup; cmd_train ;;
+  compile) cmd_compile ;;
+  all) if [ "$SKIP_COMPILE" = 0 ]; then cmd_compile; fi; cmd_create; cmd_setup; cmd_train ;;
   status) run "${GCLOUD[@]}" describe "$NAME" "${LOC[@]}" --format="value(state,health,acceleratorType)" ;;
   logs) run "${GCLOUD[@]}" ssh "$NAME" "${LOC[@]}" --worker=0 --command="tail -n 50 $REMOTE_DIR/train.log" ;;
   # SIGTERM: each worker saves a checkpoint at the current step and exits cleanly.
   stop) on_all_workers "kill -TERM \$(cat $REMOTE_DIR/train.pid) || true" ;;
   delete) run "${GCLOUD[@]}" delete "$NAME" "${LOC[@]}" --quiet ;;
-  *) die "unknown command $COMMAND (create|setup|train|all|status|logs|stop|delete)" ;;
+  *) die "unknown command $COMMAND (compile|create|setup|train|all|status|logs|stop|delete)" ;;
 esac
