@@ -22,6 +22,7 @@ from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, Inpu
 from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.system import flatten
 from dreamvideo_jax.training import loop, startup
+import stand_ins
 from train_common import (  # noqa: F401 (fixtures)
     EVERY, NUM_STEPS, ROOT, cli_overrides, eight, one, train_config)
 
@@ -38,19 +39,9 @@ def env(tmp_path_factory):
     from dreamvideo_jax.data import pipeline
 
     pipeline.dataset_path(train_config(data_dir).data)  # build the tiny moving_shapes once
-    e = dict(os.environ)
-    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    e.update(
-        PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-        XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]),
-        JAX_PLATFORMS="cpu",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    return {"root": root, "data_dir": data_dir, "env": e}
+    # One device; the suite's compilation cache when it has one (tests/test_readme.py's train command then
+    # reuses this module's compiled train step).
+    return {"root": root, "data_dir": data_dir, "env": stand_ins.cli_env(root / "jax_cache", devices=1)}
 
 
 def _cmd(workdir, data_dir, *extra) -> list[str]:
