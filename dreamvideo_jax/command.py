@@ -8,8 +8,15 @@ Errors, in one place:
 * a bad flag, an unknown `--config.x` key or a broken config file: `error: ...` on stderr, exit status 2;
 * a `UserError` raised by `main` (bad argument, unusable checkpoint, incompatible config): `error: ...`, exit
   status 2 for `InputError` (a bad argument), 1 otherwise;
+* a full disk (ENOSPC, or a library's error made of it) that no layer below turned into a `UserError`:
+  `error: no space left on device (Type: message); free space and rerun the same command`, exit status 1;
 * anything else is a bug: `error: Type: message` plus the traceback in the log (`--verbosity=1` prints it) and,
   when `main` sets `command.ERROR_LOG_DIR`, in `ERROR_LOG_DIR/error.<process>.log`; exit status 1.
+
+Log records of orbax's checkpointing internals below WARNING are dropped, and so are, below `--verbosity=1`,
+the tracebacks that its background threads log for a failed write (one per thread, plus asyncio's "Task
+exception was never retrieved" for each sibling write at exit): the failure itself comes back to the main
+thread, which reports it as above.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dreamvideo_jax.errors import InputError, UserError, one_line
+from dreamvideo_jax.errors import InputError, UserError, disk_full, one_line
 
 FLAGS = flags.FLAGS
 ERROR_LOG_DIR: str | None = None  # set by a main that owns a folder (training: its workdir)
@@ -67,12 +74,18 @@ def _write_error_log(text: str) -> str | None:
 
 
 class _QuietLibraries:
-    """Drops INFO/DEBUG records of orbax's (very chatty) checkpointing internals; warnings still pass."""
+    """Drops INFO/DEBUG records of orbax's (very chatty) checkpointing internals (warnings still pass), and the
+    tracebacks of failures inside orbax that its threads (or asyncio, for its tasks) log, unless --verbosity >= 1:
+    the main thread gets the same failure back and reports it on one line."""
 
     def filter(self, record) -> bool:
         import logging as std_logging
 
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" in record.pathname and record.levelno < std_logging.WARNING:
+            return False
+        if record.exc_info and record.exc_info[2] is not None and logging.get_verbosity() < 1:
+            return not any("/orbax/" in frame.filename for frame in traceback.extract_tb(record.exc_info[2]))
+        return True
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
@@ -87,6 +100,10 @@ def run(main: Callable[[list[str]], Any]) -> None:
         except UserError as e:
             fail(e, 1)
         except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+            reason = disk_full(e)
+            if reason is not None:  # not a bug, and no room for an error log either
+                logging.debug("failed:\n%s", traceback.format_exc())
+                fail(f"{reason} ({one_line(e, 600)}); free space and rerun the same command", 1)
             text = traceback.format_exc()
             logging.debug("failed:\n%s", text)  # shown with --verbosity=1
             where = _write_error_log(text)

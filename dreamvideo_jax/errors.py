@@ -7,6 +7,7 @@ other exception is a bug and keeps its traceback (in the log).
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 
@@ -51,3 +52,29 @@ def one_line(e: BaseException, limit: int = 400) -> str:
     if len(msg) > limit:
         msg = msg[:limit] + "..."
     return f"{type(e).__name__}: {msg}"
+
+
+# What a full disk looks like: OSError's errno, or the text of libraries that wrap it (TensorStore, which writes
+# orbax's arrays: "... No space left on device [os_error_code='28']").
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_DISK_FULL_TEXT = {"no space left on device": "no space left on device", "os_error_code='28'": "no space left on device",
+                   "disk quota exceeded": "disk quota exceeded"}
+
+
+def disk_full(e: BaseException) -> str | None:
+    """'no space left on device' (or 'disk quota exceeded') when `e`, an exception it was raised from or during,
+    or one it groups is a full disk; else None."""
+    stack, seen = [e], set()
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return _DISK_FULL[x.errno]
+        text = str(x).lower()
+        for needle, reason in _DISK_FULL_TEXT.items():
+            if needle in text:
+                return reason
+        stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return None

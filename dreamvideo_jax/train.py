@@ -10,7 +10,8 @@ Rerunning a command with the same workdir resumes from its latest checkpoint. On
 
 Exit status: 0 on success (including a clean stop on SIGTERM after checkpointing); 2 with a one-line `error: ...`
 on stderr for a bad flag or config key; 1 with a one-line `error: ...` when the run fails (the traceback goes to
-the log and, for unexpected errors, to WORKDIR/error.<process>.log).
+the log and, for unexpected errors, to WORKDIR/error.<process>.log). A disk that fills up while a checkpoint is
+written stops the run with the step, the checkpoints left intact and the partial one removed: free space and rerun.
 """
 
 from __future__ import annotations

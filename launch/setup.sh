@@ -5,6 +5,9 @@
 #   runtime  pip install -e .           test  pip install -e ".[test]" (+ test assets)
 #   tpu      pip install -e ".[tpu]"    cuda  pip install -e ".[cuda]"
 # each followed by requirements-nodeps.txt with --no-deps (see pyproject.toml).
+# An up-to-date `test` install also counts as a `runtime` one (the same pins plus the test extras), so
+# `launch/demo.sh` in the venv `launch/test.sh` made installs nothing.
+# DREAMVIDEO_NO_INSTALL=1: exit 1 instead of installing when the venv is not up to date (tests, CI checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="${1:-runtime}"
@@ -14,12 +17,21 @@ case "$kind" in
   test|tpu|cuda) extra="[$kind]" ;;
   *) echo "setup.sh: unknown kind '$kind' (use runtime, test, tpu or cuda)" >&2; exit 2 ;;
 esac
-reqs=(pyproject.toml requirements.txt requirements-nodeps.txt)
-[ -z "$extra" ] || reqs+=("requirements-$kind.txt")
+base_reqs=(pyproject.toml requirements.txt requirements-nodeps.txt)
+pins() {  # the stamp of an install of kind $1: a hash of the files that decide what it installs
+  local files=("${base_reqs[@]}")
+  [ "$1" = runtime ] || files+=("requirements-$1.txt")
+  cat "${files[@]}" | sha256sum | cut -d' ' -f1
+}
+installed() { [ -f "$venv/.installed-$1" ] && [ "$(cat "$venv/.installed-$1")" = "$(pins "$1")" ]; }
 stamp="$venv/.installed-$kind"
-want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+want=$(pins "$kind")
+if installed "$kind" || { [ "$kind" = runtime ] && installed test; }; then
   exit 0
+fi
+if [ "${DREAMVIDEO_NO_INSTALL:-0}" = 1 ]; then
+  echo "setup.sh: $venv has no up-to-date '$kind' install and DREAMVIDEO_NO_INSTALL=1: not installing" >&2
+  exit 1
 fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip

@@ -25,7 +25,8 @@ os.environ.setdefault("DREAMVIDEO_TEST_ASSETS", os.path.join(sys.prefix, "test-a
 
 # Under pytest-xdist (`launch/test.sh` runs `--dist loadfile`), a file runs whole on one worker and workers take
 # files in collection order: start the longest files first so no worker is left alone with one at the end.
-LONGEST_FIRST = ("test_train_cli.py", "test_demo.py", "test_train.py", "test_benchmark.py", "test_remat.py")
+LONGEST_FIRST = ("test_train_cli.py", "test_demo.py", "test_train.py", "test_benchmark.py", "test_remat.py",
+                 "test_readme.py")
 
 
 def pytest_collection_modifyitems(config, items):

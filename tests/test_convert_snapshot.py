@@ -1,8 +1,10 @@
 """End to end: a tiny diffusers text-to-video snapshot -> `python -m dreamvideo_jax.convert` -> base checkpoint.
 
 The snapshot is written with diffusers/transformers `save_pretrained` (plus CLIP tokenizer files built from
-open_clip's BPE vocabulary); the converted components, rebuilt from the written `model_config.json`, must match
-the PyTorch models on the same inputs within max|diff| <= 1e-4 * max|ref| + 1e-5 (float32).
+open_clip's BPE vocabulary) where README.md's convert command reads it, and that command, as printed, writes the
+base checkpoint every test here reads (tests/test_readme.py counts the command as run here); the converted
+components, rebuilt from the written `model_config.json`, must match the PyTorch models on the same inputs within
+max|diff| <= 1e-4 * max|ref| + 1e-5 (float32).
 """
 
 import json
@@ -23,6 +25,7 @@ from dreamvideo_jax.convert import load_component, load_tokenizer  # noqa: E402
 from dreamvideo_jax.convert.__main__ import main  # noqa: E402
 from dreamvideo_jax.data.tokenizer import tokenize, write_tokenizer_files  # noqa: E402
 from dreamvideo_jax.models import build  # noqa: E402
+from readme_commands import Sandbox, find  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROSS = "CrossAttnDownBlock3D"
@@ -50,8 +53,13 @@ def _randomise(module, seed):
 
 
 @pytest.fixture(scope="module")
-def snapshot(tmp_path_factory):
-    root = tmp_path_factory.mktemp("snapshot")
+def sandbox(tmp_path_factory):
+    return Sandbox(tmp_path_factory.mktemp("readme"))
+
+
+@pytest.fixture(scope="module")
+def snapshot(sandbox):
+    root = sandbox.path(find("dreamvideo_jax.convert").flags["src"])
     torch.manual_seed(0)
     unet = _randomise(diffusers.UNet3DConditionModel(**UNET), 1)
     vae = _randomise(diffusers.AutoencoderKL(**VAE), 2)
@@ -66,11 +74,12 @@ def snapshot(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(snapshot, tmp_path_factory):
-    src, _ = snapshot
-    dst = str(tmp_path_factory.mktemp("out") / "base")
-    assert main([f"--src={src}", f"--dst={dst}"]) == 0
-    return dst
+def converted(sandbox, snapshot):
+    """README.md's convert command, in a subprocess: the snapshot in, a base checkpoint out."""
+    command = find("dreamvideo_jax.convert")
+    proc = sandbox.run(command, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert "wrote" in proc.stdout and "diffusers layout" in proc.stdout, proc.stdout
+    return str(sandbox.path(command.flags["dst"]))
 
 
 def test_cli_writes_base_checkpoint(snapshot, converted, capsys):

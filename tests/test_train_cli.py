@@ -22,6 +22,7 @@ from dreamvideo_jax.errors import CheckpointError, IncompatibleConfigError, Inpu
 from dreamvideo_jax.parallel import sharding as sh
 from dreamvideo_jax.system import flatten
 from dreamvideo_jax.training import loop, startup
+import stand_ins
 from train_common import (  # noqa: F401 (fixtures)
     EVERY, NUM_STEPS, ROOT, cli_overrides, eight, one, train_config)
 
@@ -38,19 +39,9 @@ def env(tmp_path_factory):
     from dreamvideo_jax.data import pipeline
 
     pipeline.dataset_path(train_config(data_dir).data)  # build the tiny moving_shapes once
-    e = dict(os.environ)
-    flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    e.update(
-        PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""),
-        XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]),
-        JAX_PLATFORMS="cpu",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        TF_CPP_MIN_LOG_LEVEL="3",
-    )
-    return {"root": root, "data_dir": data_dir, "env": e}
+    # One device; the suite's compilation cache when it has one (tests/test_readme.py's train command then
+    # reuses this module's compiled train step).
+    return {"root": root, "data_dir": data_dir, "env": stand_ins.cli_env(root / "jax_cache", devices=1)}
 
 
 def _cmd(workdir, data_dir, *extra) -> list[str]:
@@ -203,6 +194,107 @@ def test_corrupt_checkpoint_is_an_error_or_a_logged_fallback(env, reference_run,
     c.close()
     assert r.step == EVERY and any("cannot be restored" in m for m in caplog.messages)
     assert os.path.isdir(os.path.join(wd, "checkpoints_corrupt", str(NUM_STEPS)))
+
+
+# Runs `python -m dreamvideo_jax.train` with a full disk under checkpoint STEP's temporary folder: every Python
+# write there from a background thread (orbax's metadata writers; its arrays go through TensorStore) fails with
+# ENOSPC, as when the disk fills up while the checkpoint is written in the background.
+DISK_FULL_AT = """
+import builtins, errno, os, runpy, sys, threading
+_open = builtins.open
+class _NoSpace:
+    def __init__(self, f): self._f = f
+    def __enter__(self): return self
+    def __exit__(self, *exc): self._f.close()
+    def __getattr__(self, name): return getattr(self._f, name)
+    def write(self, data): raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._f.name)
+def open(file, mode="r", *args, **kwargs):
+    f = _open(file, mode, *args, **kwargs)
+    full = (isinstance(file, (str, os.PathLike)) and "/STEP.orbax-checkpoint-tmp" in os.fspath(file)
+            and any(c in mode for c in "wax+") and threading.current_thread() is not threading.main_thread())
+    return _NoSpace(f) if full else f
+builtins.open = open
+sys.argv[0] = "dreamvideo_jax.train"
+runpy.run_module("dreamvideo_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_complete_checkpoints(env, reference_run, tmp_path):
+    """Checkpoint 2 fails in the background (async checkpointing); the save of 3 finds out: one line naming the
+    step, exit status 1, checkpoint 1 intact and readable, the partial checkpoint 2 removed, no tracebacks."""
+    wd = tmp_path / "full"
+    cmd = [sys.executable, "-c", DISK_FULL_AT.replace("STEP", "2"), "--config=configs/tiny.py", f"--workdir={wd}",
+           *cli_overrides(env["data_dir"]), "--config.train.num_steps=3", "--config.train.checkpoint_every=1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env["env"], capture_output=True, text=True, timeout=900)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert lines[-1].startswith(f"error: no space left on device while writing checkpoint 2 to {wd}/checkpoints"), \
+        lines[-1]
+    assert "checkpoint 1 is complete and untouched" in lines[-1] and "rerun the same command" in lines[-1]
+    assert "resumes from checkpoint 1" in lines[-1]
+    assert "Traceback" not in r.stderr and "_SignalingThread" not in r.stderr, r.stderr[-3000:]
+    names = os.listdir(wd / "checkpoints")
+    assert "1" in names and not [n for n in names if n != "1" and n.split(".")[0] in ("2", "3")], names
+    loaded = checkpoints.load(str(wd))
+    assert loaded.step == 1 and "done: step" not in r.stdout
+
+
+def test_disk_full_during_a_synchronous_save(tmp_path, monkeypatch):
+    """Without async checkpointing the save itself fails: the same error, the same cleanup."""
+    import builtins
+    import errno
+    import types
+
+    c = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(tmp_path)), use_async=False)
+    rng = np.random.default_rng(0)
+
+    def state(step):
+        p = {"w": rng.standard_normal((64, 8)).astype(np.float32)}
+        return types.SimpleNamespace(params=p, ema=p, opt_state={"count": np.int32(step)}, step=np.int32(step),
+                                     rng=np.zeros(2, np.uint32))
+
+    first = state(1)
+    c.save(first, {"pos": 1}, train_config())
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and "/2.orbax-checkpoint-tmp" in os.fspath(file) and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(CheckpointError) as e:
+        c.save(state(2), {"pos": 2}, train_config())
+    monkeypatch.undo()
+    c.close()
+    msg = str(e.value)
+    assert msg.startswith(f"no space left on device while writing checkpoint 2 to {tmp_path}/checkpoints") and \
+        "\n" not in msg, msg
+    assert "checkpoint 1 is complete and untouched" in msg
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    got = _read_checkpoint(str(tmp_path), 1)
+    np.testing.assert_array_equal(got["params"]["w"], first.params["w"])
+    assert got["data"]["state"] == {"pos": 1}
+
+
+def test_disk_full_is_recognised_through_wrappers():
+    import errno
+
+    from dreamvideo_jax.errors import disk_full
+
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/c/3.orbax-checkpoint-tmp/x": Failed to '
+                             "write 13604 bytes to file 9: No space left on device [os_error_code='28']")
+    assert disk_full(tensorstore) == "no space left on device"
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded")) == "disk quota exceeded"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("commit failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer) == "no space left on device"
+    assert disk_full(ExceptionGroup("writes", [KeyError("a"), OSError(errno.ENOSPC, "x")])) == "no space left on device"
+    assert disk_full(OSError(errno.EACCES, "Permission denied")) is None and disk_full(ValueError("bad")) is None
 
 
 def test_resume_order(env, reference_run, eight, tmp_path):

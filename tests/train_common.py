@@ -33,11 +33,12 @@ def train_config(data_dir: str = ""):
     return c
 
 
-def cli_overrides(data_dir: str) -> list[str]:
+def cli_overrides(data_dir: str | None) -> list[str]:
+    """`train_config` as `--config.*` flags over configs/tiny.py (without the data dir when None)."""
     return [f"--config.train.num_steps={NUM_STEPS}", f"--config.train.checkpoint_every={EVERY}",
             "--config.train.log_every=1", "--config.train.learning_rate=0.01", "--config.train.warmup_steps=0",
             "--config.train.lr_schedule=constant", "--config.train.adam_eps=1e-4", "--config.train.progress_bar=False",
-            f"--config.data.data_dir={data_dir}"]
+            ] + ([f"--config.data.data_dir={data_dir}"] if data_dir is not None else [])
 
 
 def make_batch(seed: int = 0, b: int = 8) -> dict:

@@ -7,14 +7,24 @@
       meta/        {'step': int32, 'rng': uint32 key data}
       data/        data-iterator state, one `process_<i>-of-<n>.json` per process
       config/      the config at save time (JSON)
+
+A save is written to `<step>.orbax-checkpoint-tmp*` and renamed to `<step>` once complete, so a failed save
+never leaves a `<step>` folder behind. A disk that fills up while a checkpoint is written (in the background,
+with async checkpointing) is a CheckpointError of one line naming the step, the directory, the complete
+checkpoints left and what to do; the failed step's temporary folder is removed (nothing else is touched).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import re
+import threading
+import time
+import warnings
 from typing import Any
 
 import jax
@@ -24,7 +34,7 @@ from flax import serialization
 
 from dreamvideo_jax import config_io
 from dreamvideo_jax.checkpoints.base import is_primary, sync_processes
-from dreamvideo_jax.errors import CheckpointError, one_line
+from dreamvideo_jax.errors import CheckpointError, disk_full, one_line
 from dreamvideo_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
@@ -114,6 +124,8 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending: int | None = None  # the step of a save still being written in the background
+        self._failed = False  # a save failed: close() only releases what it can
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -136,14 +148,83 @@ class Checkpointer:
         )
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # a failure of the previous save names that save's step
+        with self._writing(step):
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending = step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Returns once the save in flight (if any) is complete; raises CheckpointError if the disk filled up."""
+        step, self._pending = self._pending, None
+        with self._writing(step):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        if self._failed:  # the error is on its way up; release what can be released without raising another
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing the checkpoint manager after a failed save", exc_info=True)
+            return
+        self.wait()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turns a full disk while writing checkpoint `step` into a one-line CheckpointError."""
+        try:
+            yield
+        except Exception as e:
+            reason = disk_full(e)
+            if reason is None or step is None:
+                raise
+            self._failed = True
+            log.debug("writing checkpoint %d failed", step, exc_info=True)
+            raise self._disk_full_error(step, reason) from e
+
+    def _disk_full_error(self, step: int, reason: str) -> CheckpointError:
+        # The writes orbax abandoned leave coroutines that never ran; Python would warn about each at exit.
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+        removed = self._remove_partial(step)
+        try:
+            self.manager.reload()
+            complete = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - the listing only informs the message
+            complete = None
+        where = f"{reason} while writing checkpoint {step} to {os.fspath(self.directory)}"
+        if removed:
+            where += f" (its partial copy {removed} was removed)"
+        if complete:
+            left = (f"checkpoint{'s' if len(complete) > 1 else ''} {', '.join(map(str, complete))} "
+                    f"{'are' if len(complete) > 1 else 'is'} complete and untouched. Free space there and rerun the "
+                    f"same command: training resumes from checkpoint {complete[-1]}, the last complete one")
+        elif complete == []:
+            left = ("no earlier checkpoint is there. Free space there and rerun the same command: training starts "
+                    "again as this run did")
+        else:
+            left = "Free space there and rerun the same command: training resumes from the last complete checkpoint"
+        return CheckpointError(f"{where}; {left}")
+
+    def _remove_partial(self, step: int) -> str:
+        """Removes the temporary folder(s) `<step>.orbax-checkpoint-tmp*` of the failed save, and nothing else,
+        once orbax's writer threads are done with them; returns what was removed."""
+        if not is_primary():
+            return ""
+        deadline = time.monotonic() + 60.0
+        for t in threading.enumerate():  # writers of the failed save that were still going
+            if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+                # Thread.join itself: orbax's threads re-raise their error from join()
+                threading.Thread.join(t, timeout=max(0.0, deadline - time.monotonic()))
+        pattern = re.compile(rf"{step}\.orbax-checkpoint-tmp(-\d+)?")
+        removed = []
+        try:
+            for p in self.directory.iterdir():
+                if pattern.fullmatch(p.name) and p.is_dir():
+                    p.rmtree()
+                    removed.append(os.fspath(p))
+        except Exception:  # noqa: BLE001 - the next start-up cleans temporary folders up too
+            log.warning("could not remove the partial checkpoint %d in %s", step, self.directory, exc_info=True)
+        return ", ".join(removed)
 
     def read_config(self, step: int) -> dict | None:
         p = self.directory / str(step) / "config"
