@@ -75,13 +75,10 @@ def parse(spec: str) -> Slice:
         InputError: naming the spec and the forms accepted.
     """
     spec = (spec or "").strip()
-    known = ", ".join(sorted(CHIPS))
     m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", spec)
     if m:
-        name = _ALIASES.get(m.group(1), m.group(1))
-        if name not in CHIPS:
-            raise InputError("topology", spec, f"unknown TPU generation {m.group(1)!r}; known: {known}")
-        chip = CHIPS[name]
+        chip = _chip(m.group(1), spec)
+        name = chip.name
         dims = tuple(int(d) for d in m.group(2).split("x"))
         if len(dims) != chip.dims:
             raise InputError("topology", spec, f"a {name} topology has {chip.dims} dimensions, e.g. "
@@ -89,10 +86,8 @@ def parse(spec: str) -> Slice:
         return Slice(chip, f"{name}:{m.group(2)}", math.prod(dims), _options(chip))
     m = re.fullmatch(r"([a-z0-9]+)-(\d+)", spec)
     if m:
-        name = _ALIASES.get(m.group(1), m.group(1))
-        if name not in CHIPS:
-            raise InputError("topology", spec, f"unknown TPU generation {m.group(1)!r}; known: {known}")
-        chip = CHIPS[name]
+        chip = _chip(m.group(1), spec)
+        name = chip.name
         n = int(m.group(2))
         if n % chip.cores_per_chip:
             raise InputError("topology", spec, f"{name} accelerator types count TensorCores, "
@@ -106,6 +101,13 @@ def parse(spec: str) -> Slice:
         return Slice(chip, f"{name}:{'x'.join(map(str, shape))}", chips, _options(chip))
     raise InputError("topology", spec, "expected a topology such as v5e:4x4 or v4:2x2x2, or an accelerator type "
                      "such as v5litepod-16, v6e-8, v4-32 or v5p-8")
+
+
+def _chip(generation: str, spec: str) -> Chip:
+    name = _ALIASES.get(generation, generation)
+    if name not in CHIPS:
+        raise InputError("topology", spec, f"unknown TPU generation {generation!r}; known: {', '.join(sorted(CHIPS))}")
+    return CHIPS[name]
 
 
 def _options(chip: Chip) -> tuple:
