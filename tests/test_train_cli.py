@@ -450,7 +450,10 @@ def test_tpu_launch_dry_run():
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == ("+ gcloud compute tpus tpu-vm create dv --zone=us-central2-b --project=proj "
+    # The slice's programs are compiled here first (XLA:TPU through libtpu), before any TPU is created.
+    assert "-m dreamvideo_jax.aot " in lines[0] and "--topology=v4-32 --program=train" in lines[0], lines[0]
+    assert "--config.train.batch_size=64" in lines[0] and "--config=configs/modelscope_t2v.py" in lines[0]
+    assert lines[1] == ("+ gcloud compute tpus tpu-vm create dv --zone=us-central2-b --project=proj "
                         "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
     assert any(ln.startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in ln for ln in lines)
     train = [ln for ln in lines if "dreamvideo_jax.train" in ln]
