@@ -164,6 +164,7 @@ def test_chain_stage_reference_is_exactly_the_last_frame(sampler, image):
     np.testing.assert_array_equal(res.stages[0], plain)
     assert res.drift["ssim_to_input"].shape == (2, 3) and res.drift["mean_rgb_shift"].shape == (2, 3, 3)
     np.testing.assert_allclose(res.drift["ssim_to_input"][:, 0], res.drift["ssim_to_reference"][:, 0])
+    assert res.drift["seam"].shape == (2, 2) and res.drift["loop_seam"].shape == (2,)
     dropped = sampler.generate_chain(image, ["a", "b"], steps=STEPS, seed=[3, 5], drop_repeated_frame=True)
     assert dropped.video.shape == (2, 7, 16, 16, 3)
 

@@ -34,8 +34,9 @@ written*: the decoded, uint8-quantised frame the user sees, converted to [-1, 1]
 passed along and nothing is re-encoded behind the user's back (except by the image branch itself when the model's
 image input is a VAE latent -- the same as for a user image). The joined video is the stages' frames in order;
 ``drop_repeated_frame`` removes each later stage's first frame, which re-shows the previous last frame.
-Drift over the chain (SSIM and colour shift of each stage's first frame against the input image) is measured
-(`sampling.drift`).
+Drift over the chain (SSIM, colour shift and contrast of each stage's first frame against the input image) and
+the seams (the frame step across each stage boundary, and from the last frame back to the first, against the
+steps inside the clips) are measured (`sampling.drift`).
 
 Text-to-video models (``mode='t2v'``, the ModelScope base). The image branch is absent, so the "image only" branch
 equals the unconditional one: the model runs the unconditional and text rows only (2B rows, not 3B) and guidance
@@ -403,7 +404,8 @@ class Sampler:
         references = np.stack(refs, axis=1)
         parts = [stages[0]] + [s[:, 1:] if drop_repeated_frame else s for s in stages[1:]]
         video = np.concatenate(parts, axis=1)
-        chain_drift = drift.chain_drift(references[:, 0], references, stages)
+        starts = np.cumsum([p.shape[1] for p in parts])[:-1]
+        chain_drift = drift.chain_drift(references[:, 0], references, stages, video, starts)
         return ChainResult(video, stages, references, latents, chain_drift, stage_prompts, list(seeds))
 
     # ----------------------------------------------------------------------------------------------------------
