@@ -213,6 +213,7 @@ def get_config(arg=None):
     s.steps = 50  # model evaluations (each one batched forward over the 3 guidance branches)
     s.sampler = "ddim"  # 'ddim' | 'dpmpp_2m' (DPM-Solver++(2M); ~20-25 steps match 50 DDIM steps)
     s.eta = 0.0  # DDIM noise (0 = deterministic); DPM-Solver++(2M) is always deterministic
+    s.motion_strength = 1.0  # [0, 1]: below 1, start from the noised still video and run the last part of the steps
     s.seed = 0  # sample b of a batch uses seed + b, so any sample can be reproduced alone
     s.num_frames = 0  # frames to generate; 0 = the top-level num_frames
     s.height = 0  # 0 = the top-level height

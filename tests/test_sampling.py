@@ -199,6 +199,37 @@ def test_text_to_video_two_branches_and_first_frame_replacement(cfg, image):
         s.generate(None, "a cat", steps=STEPS, first_frame_replacement=True)
 
 
+def test_motion_strength_starts_from_the_noised_still_video(cfg, variables, sampler, image):
+    """motion_strength=1 is the plain sampler; below 1 the run starts from the reference latent in every frame,
+    noised to the level of the first remaining step (the same noise), and runs only the remaining steps."""
+    steps = 10
+    plain = sampler.sample_latents(image, "a ball rolls", steps=steps, seed=3)
+    np.testing.assert_array_equal(sampler.sample_latents(image, "a ball rolls", steps=steps, seed=3,
+                                                         motion_strength=1.0), plain)
+    assert [I.start_step(steps, s) for s in (1.0, 0.75, 0.5, 0.04, 0.0)] == [0, 2, 5, 9, 9]
+    ref = sampler.system.image_latent(variables, jnp.asarray(I.to_model_range(image[None])))
+    still = np.broadcast_to(np.asarray(ref)[:, None], plain.shape)
+    motion = []
+    for strength in (1.0, 0.5, 0.0):
+        lat = sampler.sample_latents(image, "a ball rolls", steps=steps, seed=3, motion_strength=strength)
+        assert sampler.timings.steps == max(1, round(strength * steps))
+        motion.append(float(np.abs(np.diff(lat, axis=1)).mean()))
+        if strength == 0.0:
+            # One step from the still video at the lowest level: the start is almost clean, so little changes.
+            assert np.abs(lat - still).mean() < 0.2 * np.abs(plain - still).mean()
+    assert motion[0] > motion[1] > motion[2], motion
+    # The start itself: prepare() mixes the still video and the run's noise with the schedule's own scales.
+    from dreamvideo_jax.sampling.pipeline import prepare
+
+    seeds, stage, imgs = jnp.asarray([3], jnp.uint32), jnp.int32(0), jnp.asarray(image[None])
+    shape = plain.shape
+    noise = prepare(sampler.system, variables["vae"], seeds, stage, imgs, shape=shape, need_latent=True)[0]
+    scales = jnp.asarray([0.6, 0.8], jnp.float32)
+    start = prepare(sampler.system, variables["vae"], seeds, stage, imgs, scales, shape=shape,
+                    need_latent=True, from_still=True)[0]
+    np.testing.assert_allclose(start, 0.6 * still + 0.8 * np.asarray(noise), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- argument errors
 
 
@@ -207,6 +238,7 @@ def test_text_to_video_two_branches_and_first_frame_replacement(cfg, image):
     (dict(image_guidance=-1.0), "--image_guidance=-1.0"), (dict(text_guidance=float("nan")), "--text_guidance"),
     (dict(steps=0), "--steps=0"), (dict(steps=1000), "--steps=1000"), (dict(sampler="euler"), "--sampler=euler"),
     (dict(sampler="dpmpp_2m", eta=0.5), "--eta=0.5"), (dict(seed=-1), "--seed=-1"),
+    (dict(motion_strength=1.5), "--motion_strength=1.5"), (dict(motion_strength="x"), "--motion_strength=x"),
 ])  # fmt: skip
 def test_bad_arguments_name_the_argument(sampler, image, kw, flag):
     with pytest.raises(I.InputError) as e:

@@ -25,6 +25,11 @@ def defaults() -> ml_collections.ConfigDict:
         steps=50,  # model evaluations (each one batched forward over the 3 guidance branches)
         sampler="ddim",  # 'ddim' | 'dpmpp_2m' (DPM-Solver++(2M); ~20-25 steps match 50 DDIM steps)
         eta=0.0,  # DDIM noise (0 = deterministic); DPM-Solver++(2M) is always deterministic
+        # How much the video may move away from the reference image, in [0, 1]. 1 = start from pure noise (the
+        # model's full motion). Below 1 the sampler starts from the still video (the reference latent in every
+        # frame) noised to the level of the step that remains, and runs only the last max(1, round(s * steps))
+        # of its steps: the lower, the less there is left to change (0 = one step from an almost clean still).
+        motion_strength=1.0,
         seed=0,  # sample b of a batch uses seed + b, so any sample can be reproduced alone
         # Clip size; 0 = the top-level num_frames / height / width of the config (the training size).
         num_frames=0,

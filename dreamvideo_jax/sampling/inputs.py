@@ -217,6 +217,21 @@ def check_eta(value: float, sampler: str) -> float:
     return float(value)
 
 
+def check_motion_strength(value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise InputError("motion_strength", value, "must be a number in [0, 1] (1 = full motion, 0 = stillest)")
+    return v
+
+
+def start_step(steps: int, motion_strength: float) -> int:
+    """The index of the first of ``steps`` sampling steps that a ``motion_strength`` run executes."""
+    return steps - max(1, int(round(motion_strength * steps))) if motion_strength < 1.0 else 0
+
+
 def check_sampler(value: str) -> str:
     from dreamvideo_jax.sampling.config import SAMPLERS
 

@@ -144,6 +144,7 @@ class _Request:
     eta: float
     replace: bool
     negative_prompt: str
+    motion_strength: float = 1.0
 
 
 def _batch_size(images: Any, prompts: list, *per_sample: Any) -> int:
@@ -214,10 +215,15 @@ def encode_text(system: System, text_params, ids, *, out_sharding=None):
     return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("system", "shape", "need_latent", "out_sharding"))
-def prepare(system: System, vae_params, seeds, stage, images_u8, *, shape, need_latent, out_sharding=None):
+@functools.partial(jax.jit, static_argnames=("system", "shape", "need_latent", "from_still", "out_sharding"))
+def prepare(system: System, vae_params, seeds, stage, images_u8, start_scales=None, *, shape, need_latent,
+            from_still=False, out_sharding=None):
     """Initial noise, per-sample keys, the model's image input, the reference latent and the replacement noise
-    of a batch: sample b uses ``fold_in(key(seeds[b]), stage)`` for everything."""
+    of a batch: sample b uses ``fold_in(key(seeds[b]), stage)`` for everything.
+
+    With ``from_still`` the start is the still video (the reference latent in every frame) noised to the first
+    step's level, ``start_scales = (sqrt(abar), sqrt(1 - abar))``, with the same noise (``sample.motion_strength``).
+    """
     b, f, h, w, c = shape
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), stage))(seeds)
     x_t = samplers.initial_noise(keys, shape)
@@ -228,6 +234,9 @@ def prepare(system: System, vae_params, seeds, stage, images_u8, *, shape, need_
         latent = jnp.zeros((b, h, w, c), jnp.float32)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _REPLACEMENT_NOISE_SALT), (h, w, c),
                                                  jnp.float32))(keys)
+    if from_still:
+        alpha, sigma = start_scales[0], start_scales[1]
+        x_t = alpha * jnp.broadcast_to(latent[:, None], shape) + sigma * x_t
     if system.mode == "t2v":
         model_image = jnp.zeros((b, 1), jnp.float32)
     elif system.image_input == "latent":
@@ -317,7 +326,8 @@ class Sampler:
                 text-to-video model without first-frame replacement.
             prompts: one prompt or ``B`` prompts; ``""`` = text-unconditional.
             **kwargs: ``num_frames, height, width, image_guidance, text_guidance, steps, sampler, seed, eta,
-                first_frame_replacement, negative_prompt, progress`` -- see :meth:`sample_latents`.
+                first_frame_replacement, negative_prompt, motion_strength, progress`` -- see
+                :meth:`sample_latents`.
         """
         latents = self.sample_latents(images, prompts, **kwargs)
         return self.decode(latents)
@@ -328,17 +338,21 @@ class Sampler:
                        text_guidance: float | Sequence[float] | None = None, steps: int | None = None,
                        sampler: str | None = None, seed: int | Sequence[int] | None = None,
                        eta: float | None = None, first_frame_replacement: bool | None = None,
-                       negative_prompt: str | None = None, progress: bool = False, stage: int = 0) -> np.ndarray:
+                       negative_prompt: str | None = None, motion_strength: float | None = None,
+                       progress: bool = False, stage: int = 0) -> np.ndarray:
         """Denoised latents ``(B, F, h, w, C)`` float32, before decoding (save them: decoding is the memory peak).
 
         ``None`` arguments take ``config.sample``'s defaults. Guidance scales and seeds may be per sample.
         ``negative_prompt`` replaces ``""`` as the text of the unconditional and image-only branches (one for
         the whole batch), so guidance pushes away from it.
+        ``motion_strength`` in [0, 1] (default 1, full motion) starts from the noised still video and runs only
+        the last part of the steps (see `sampling.config`).
         ``stage`` selects the random stream of a chain's stage (0 for single clips).
         """
         self.timings = Timings()
         req = self._request(images, prompts, num_frames, height, width, image_guidance, text_guidance, steps,
-                            sampler, seed, eta, first_frame_replacement, negative_prompt)
+                            sampler, seed, eta, first_frame_replacement, negative_prompt,
+                            motion_strength=motion_strength)
         latents = self._sample(req, stage, progress)
         return np.asarray(jax.device_get(latents))[: req.batch]
 
@@ -385,7 +399,7 @@ class Sampler:
             self.timings = Timings()
             req = self._request(current, stage_p, **{n: kwargs.get(n) for n in (
                 "num_frames", "height", "width", "image_guidance", "text_guidance", "steps", "sampler", "seed",
-                "eta", "first_frame_replacement", "negative_prompt")}, quiet=k > 0)
+                "eta", "first_frame_replacement", "negative_prompt", "motion_strength")}, quiet=k > 0)
             if k == 0:
                 seeds = req.seeds[: req.batch]
             refs.append(req.images[: req.batch])
@@ -412,7 +426,8 @@ class Sampler:
     # Requests
 
     def _request(self, images, prompts, num_frames, height, width, image_guidance, text_guidance, steps, sampler,
-                 seed, eta, first_frame_replacement, negative_prompt=None, quiet: bool = False) -> _Request:
+                 seed, eta, first_frame_replacement, negative_prompt=None, quiet: bool = False,
+                 motion_strength=None) -> _Request:
         o = self.options
         f0, h0, w0 = self.default_size()
         num_frames = inputs.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
@@ -422,6 +437,7 @@ class Sampler:
         steps = inputs.check_steps(o.steps if steps is None else steps, sampler, self.num_train_timesteps,
                               o.timestep_spacing, int(o.steps_offset))
         eta = inputs.check_eta(o.eta if eta is None else eta, sampler)
+        strength = inputs.check_motion_strength(o.motion_strength if motion_strength is None else motion_strength)
         replace = bool(o.first_frame_replacement if first_frame_replacement is None else first_frame_replacement)
         negative = o.negative_prompt if negative_prompt is None else negative_prompt
         if not isinstance(negative, str):
@@ -465,7 +481,7 @@ class Sampler:
             image_scale=np.asarray(_pad(image_scale, padded), np.float32),
             text_scale=np.asarray(_pad(text_scale, padded), np.float32),
             num_frames=num_frames, height=height, width=width, steps=steps, sampler=sampler, eta=eta,
-            replace=replace, negative_prompt=negative,
+            replace=replace, negative_prompt=negative, motion_strength=strength,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------------
@@ -556,13 +572,19 @@ class Sampler:
         ref = samplers.Reference(latent, noise, place(np.full((req.padded,), req.replace), bs))
         state = samplers.SamplerState(x_t, place(np.zeros(x_t.shape, np.float32), bs))
         o = self.options
-        make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
-        timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
-        rows = samplers.sampling_plan(timesteps, bool(o.set_alpha_to_one)).rows()
+        rows = samplers.sampling_plan(self._timesteps(req), bool(o.set_alpha_to_one)).rows()
         model = jax.tree_util.Partial(GuidedModel(self.system), self.system.model_params(params["params"]))
         static = dict(sampler=req.sampler, prediction_type=self.prediction_type,
                       set_alpha_to_one=bool(o.set_alpha_to_one))
         return model, params["schedule"], state, rows, cond, knobs, ref, static
+
+    def _timesteps(self, req: _Request) -> np.ndarray:
+        """The timesteps a request runs: the sampler's ``steps`` of them, less the first ones that
+        ``motion_strength < 1`` skips."""
+        o = self.options
+        make_ts = samplers.ddim_timesteps if req.sampler == "ddim" else samplers.dpmsolver_timesteps
+        timesteps = make_ts(req.steps, self.num_train_timesteps, o.timestep_spacing, int(o.steps_offset))
+        return timesteps[inputs.start_step(len(timesteps), req.motion_strength):]
 
     def _prepare_args(self, req: _Request, mesh: Mesh, params: dict, place: Callable, stage: int):
         """Arguments of `prepare` for a request (positional, keyword)."""
@@ -570,10 +592,17 @@ class Sampler:
         system = self.system
         h, w = req.height // self.factor, req.width // self.factor
         shape = (req.padded, req.num_frames, h, w, system.latent_channels)
-        need_latent = req.replace or (self.mode == "dreamvideo" and system.image_input == "latent")
+        from_still = req.motion_strength < 1.0
+        need_latent = req.replace or from_still or (self.mode == "dreamvideo" and system.image_input == "latent")
         args = (system, params["params"]["vae"], place(np.asarray(req.seeds, np.uint32), bs),
                 place(np.int32(stage), NamedSharding(mesh, P())), place(req.images, bs))
-        return args, dict(shape=shape, need_latent=need_latent, out_sharding=bs)
+        if from_still:
+            t0 = int(self._timesteps(req)[0])
+            sch = self.schedule  # the forward process's own scales (as training noises)
+            scales = np.asarray([np.asarray(sch.sqrt_alphas_cumprod)[t0],
+                                 np.asarray(sch.sqrt_one_minus_alphas_cumprod)[t0]], np.float32)
+            args += (place(scales, NamedSharding(mesh, P())),)
+        return args, dict(shape=shape, need_latent=need_latent, from_still=from_still, out_sharding=bs)
 
     def _sample(self, req: _Request, stage: int, progress: bool) -> jax.Array:
         """The padded latents of one request, on device."""
@@ -636,10 +665,10 @@ class Sampler:
         Args:
             batch: samples per call.
             mesh: devices to lay the batch over (default: the sampler's mesh, else its automatic choice).
-            **kwargs: ``num_frames, height, width, steps, sampler, first_frame_replacement`` as for
-                :meth:`sample_latents`.
+            **kwargs: ``num_frames, height, width, steps, sampler, first_frame_replacement, motion_strength``
+                as for :meth:`sample_latents`.
         """
-        known = {"num_frames", "height", "width", "steps", "sampler", "first_frame_replacement"}
+        known = {"num_frames", "height", "width", "steps", "sampler", "first_frame_replacement", "motion_strength"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"Sampler.lower: unknown arguments {unknown}; known: {sorted(known)}")
@@ -650,7 +679,8 @@ class Sampler:
             images = np.zeros((kwargs.get("height") or h0, kwargs.get("width") or w0, 3), np.uint8)
             req = self._request(images, [""] * batch, kwargs.get("num_frames"), kwargs.get("height"),
                                 kwargs.get("width"), None, None, kwargs.get("steps"), kwargs.get("sampler"), None,
-                                None, kwargs.get("first_frame_replacement"), quiet=True)
+                                None, kwargs.get("first_frame_replacement"), quiet=True,
+                                motion_strength=kwargs.get("motion_strength"))
             mesh, _ = self._mesh_for(req.batch)
         finally:
             self._mesh = saved

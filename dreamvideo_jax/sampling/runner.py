@@ -125,6 +125,7 @@ def check_sample(config) -> None:
         inputs.check_steps(s.steps, s.sampler, nt, s.timestep_spacing, int(s.steps_offset))
         inputs.check_eta(s.eta, s.sampler)
         inputs.check_seed(s.seed)
+        inputs.check_motion_strength(s.motion_strength)
     except inputs.InputError as e:
         raise inputs.InputError(k(e.name), e.value, e.reason) from None
     inputs.check_positive_int(k("num_frames"), s.num_frames or config.get("num_frames", 16), "num_frames")
@@ -322,6 +323,7 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
         "seed": int(r["seed"]), "image_guidance": float(r.get("image_guidance", s.image_guidance)),
         "text_guidance": float(r.get("text_guidance", s.text_guidance)), "steps": int(s.steps),
         "sampler": s.sampler, "eta": float(s.eta), "first_frame_replacement": bool(s.first_frame_replacement),
+        "motion_strength": float(s.motion_strength),
         "negative_prompt": s.negative_prompt,
         "mode": sampler.mode, "weights": loaded.source, "prediction_type": sampler.prediction_type,
         "drift": sample_drift, "timings_of_batch": sampler.timings.as_dict(),
