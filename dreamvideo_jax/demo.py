@@ -9,10 +9,13 @@ r"""The moving-shapes demo: the paper's recipe at toy scale, on a CPU, in minute
    `python -m dreamvideo_jax.sample --config=configs/demo_shapes.py --workdir=WORKDIR/stage2_dreamvideo ...`).
 3. Sampling on held-out images (shape/colour/motion combinations never seen in training): every image with
    every motion prompt; one image with different prompts side by side; a two-stage video with two plots; an
-   image-guidance sweep. The stage-1 base does image-to-video by first-frame replacement, for comparison.
+   image-guidance sweep; a motion-strength sweep (`sample.motion_strength` at 0, 0.25, 0.5, 0.75, 1). The
+   stage-1 base does image-to-video by first-frame replacement, for comparison.
 4. Metrics (`WORKDIR/metrics.json`): motion-direction accuracy (centroid tracked over frames vs the prompt),
    FFF_SSIM (first generated frame vs the input image), identity retention (colour and size kept), for
-   DreamVideo and for the base; plus wall time. Videos (GIF/MP4) and one PNG contact sheet.
+   DreamVideo and for the base; per motion strength the mean object displacement and the same metrics, and the
+   Spearman correlation of displacement with the knob (`motion_strength_spearman`); plus wall time. Videos
+   (GIF/MP4) and one PNG contact sheet.
 
 A second run reuses the trained checkpoints (training resumes at the last step, i.e. does nothing).
 On a CPU-only machine the batches are split over one XLA device per core (`--cpu_devices`): XLA:CPU runs each
@@ -43,6 +46,8 @@ flags.DEFINE_integer("cpu_devices", 0, "On a CPU-only machine, XLA devices to sp
 FLAGS = flags.FLAGS
 
 STAGE1, STAGE2 = "stage1_t2v", "stage2_dreamvideo"
+# The motion-strength sweep's knob values (sample.motion_strength).
+MOTION_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 log = logging.getLogger("dreamvideo_jax.demo")
 
 
@@ -116,7 +121,10 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     """Runs (or resumes) the whole demo; returns the metrics written to `workdir/metrics.json`."""
     import jax
 
+    from scipy import stats
+
     from dreamvideo_jax.data.moving_shapes import MOTIONS, caption_for
+    from dreamvideo_jax.evaluation.shapes import displacement
     from dreamvideo_jax.sampling import outputs
     from dreamvideo_jax import checkpoints
     from dreamvideo_jax.sampling.pipeline import Sampler
@@ -179,6 +187,22 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     outputs.write_gif(os.path.join(out, "image_guidance_sweep.gif"), np.concatenate(list(sweep), axis=2))
     metrics["image_guidance_sweep"] = {
         str(s): _metrics(sweep[i:i + 1], [sweep_caption], images[:1])["fff_ssim"] for i, s in enumerate(sweep_scales)}
+    # Motion strength: the first image with every motion prompt at each knob value; mean object displacement
+    # (first to last frame, pixels) should rise with the knob.
+    strength_videos = {}
+    for value in MOTION_STRENGTHS:
+        videos = dv.generate(np.repeat(images[:1], len(MOTIONS), 0), captions[first], motion_strength=value,
+                             progress=progress, **kw)
+        strength_videos[value] = videos
+        moved = [d for d in (displacement(v) for v in videos) if d is not None]
+        metrics.setdefault("motion_strength", {})[str(value)] = {
+            "mean_displacement_px": round(float(np.mean([np.hypot(*d) for d in moved])), 4) if moved else None,
+            "tracked": len(moved), **_metrics(videos, captions[first], images[:1].repeat(len(MOTIONS), 0))}
+    means = [metrics["motion_strength"][str(v)]["mean_displacement_px"] for v in MOTION_STRENGTHS]
+    rho = float(stats.spearmanr(MOTION_STRENGTHS, means).statistic) if None not in means else float("nan")
+    metrics["motion_strength_spearman"] = round(rho, 4) if np.isfinite(rho) else None  # None: undefined
+    outputs.write_gif(os.path.join(out, "motion_strength_sweep.gif"),
+                      np.concatenate([strength_videos[v][MOTIONS.index("right")] for v in MOTION_STRENGTHS], axis=2))
     metrics["two_stage"] = {"prompts": plots, "drift": _jsonable(chain.drift),
                             "reference_is_last_frame": bool(np.array_equal(chain.references[0, 1],
                                                                            chain.stages[0][0, -1]))}
@@ -195,6 +219,8 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     rows.append(row(chain.video[0], images[0]))
     for v in sweep:
         rows.append(row(v, images[0]))
+    for value in MOTION_STRENGTHS:
+        rows.append(row(strength_videos[value][MOTIONS.index("right")], images[0]))
     outputs.write_contact_sheet(os.path.join(workdir, "contact_sheet.png"), rows)
     timings["sampling_seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -207,7 +233,8 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         "text_guidance": float(stage2.config.sample.text_guidance), "image_guidance": float(stage2.config.sample.image_guidance),
         "contact_sheet_rows": ["DreamVideo, first test image, prompt: " + captions[j] for j in range(len(MOTIONS))]
         + ["base (first-frame replacement): " + captions[len(MOTIONS) - 1], "two-stage: " + " | ".join(plots)]
-        + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales],
+        + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales]
+        + [f"motion strength {v}: {captions[MOTIONS.index('right')]}" for v in MOTION_STRENGTHS],
     }
     outputs.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

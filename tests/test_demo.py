@@ -55,6 +55,10 @@ def test_readme_demo_commands_shortened(tmp_path):
     assert 0.0 <= m["direction_accuracy"] <= 1.0 and -1.0 <= m["fff_ssim"] <= 1.0
     assert m["dreamvideo"]["num_videos"] == 9 and m["base_t2v_first_frame_replacement"]["num_videos"] == 9
     assert m["two_stage"]["reference_is_last_frame"] is True
+    assert list(m["motion_strength"]) == [str(v) for v in demo.MOTION_STRENGTHS]
+    assert all(-1.0 <= r["fff_ssim"] <= 1.0 and 0 <= r["tracked"] <= 9 for r in m["motion_strength"].values())
+    assert m["motion_strength_spearman"] is None or -1.0 <= m["motion_strength_spearman"] <= 1.0
+    assert (workdir / "videos" / "motion_strength_sweep.gif").exists()
     assert m["timings"]["stage1_t2v_source"] == "scratch" and m["timings"]["stage2_dreamvideo_source"] == "init_from"
 
     sb.run(command, flags, env=env, timeout=1800)
