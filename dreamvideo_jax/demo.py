@@ -221,7 +221,11 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         rows.append(row(v, images[0]))
     for value in MOTION_STRENGTHS:
         rows.append(row(strength_videos[value][MOTIONS.index("right")], images[0]))
-    outputs.write_contact_sheet(os.path.join(workdir, "contact_sheet.png"), rows)
+    labels = ([f"DreamVideo: {captions[j]}" for j in range(len(MOTIONS))]
+              + [f"base, first-frame replacement: {captions[len(MOTIONS) - 1]}", "two-stage: " + " | ".join(plots)]
+              + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales]
+              + [f"motion strength {v}: {captions[MOTIONS.index('right')]}" for v in MOTION_STRENGTHS])
+    outputs.write_contact_sheet(os.path.join(workdir, "contact_sheet.png"), rows, labels=labels)
     timings["sampling_seconds"] = round(time.perf_counter() - t0, 1)
 
     metrics["wall_seconds"] = round(time.perf_counter() - t_start, 1)
@@ -231,10 +235,7 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         "videos": len(captions),
         "sampler": stage2.config.sample.sampler, "steps": int(kw.get("steps", stage2.config.sample.steps)),
         "text_guidance": float(stage2.config.sample.text_guidance), "image_guidance": float(stage2.config.sample.image_guidance),
-        "contact_sheet_rows": ["DreamVideo, first test image, prompt: " + captions[j] for j in range(len(MOTIONS))]
-        + ["base (first-frame replacement): " + captions[len(MOTIONS) - 1], "two-stage: " + " | ".join(plots)]
-        + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales]
-        + [f"motion strength {v}: {captions[MOTIONS.index('right')]}" for v in MOTION_STRENGTHS],
+        "contact_sheet_rows": labels,  # each row: the first test image, then the generated frames
     }
     outputs.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics

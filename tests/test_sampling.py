@@ -334,3 +334,12 @@ def test_video_outputs_read_back(tmp_path):
     sheet = outputs.contact_sheet([video, video[:3]], gap=2)
     assert sheet.shape == (2 * 16 + 2, 5 * 24 + 4 * 2, 3)
     np.testing.assert_array_equal(sheet[18:34, 26:50], video[1])
+    # Labels: a column on the left, one line of dark text per row; the frames are unchanged beside it.
+    labelled = outputs.contact_sheet([video, video[:3]], gap=2, labels=["stage 1: a ball rolls", "x" * 500])
+    extra = labelled.shape[1] - sheet.shape[1]
+    assert labelled.shape[0] == sheet.shape[0] and 24 < extra <= outputs.LABEL_MAX_WIDTH + 2
+    np.testing.assert_array_equal(labelled[:, extra:], sheet)
+    for top in (0, 18):  # each row's band of the label column has text in it
+        assert (labelled[top:top + 16, :extra - 2] < 100).any()
+    with pytest.raises(ValueError, match="1 labels for 2 rows"):
+        outputs.contact_sheet([video, video], labels=["one"])

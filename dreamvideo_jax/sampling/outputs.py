@@ -136,28 +136,59 @@ def write_video(path: str, video: np.ndarray, fps: float = 8.0, **npz_extra: Any
     raise ValueError(f"unsupported video format {ext!r} for {path}; use .mp4, .gif or .npz")
 
 
-def contact_sheet(rows: Sequence[np.ndarray], gap: int = 2, background: int = 255) -> np.ndarray:
+def _label_column(labels: Sequence[str], row_h: int, gap: int, background: int, max_width: int) -> np.ndarray:
+    """A column of one-line labels, one per row of height ``row_h``, text vertically centred in its row."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [probe.textbbox((0, 0), t, font=font)[2] for t in labels]
+    width = min(max(widths, default=0) + 2 * LABEL_PAD, max_width)
+    col = Image.new("RGB", (width, len(labels) * (row_h + gap) - gap), (background,) * 3)
+    draw = ImageDraw.Draw(col)
+    for i, text in enumerate(labels):
+        while text and draw.textbbox((0, 0), text, font=font)[2] > width - 2 * LABEL_PAD:
+            text = text[:-2] + "…"  # too long: shortened, ending in an ellipsis
+        top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+        y = i * (row_h + gap) + (row_h - (bottom - top)) // 2 - top
+        draw.text((LABEL_PAD, y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(col)
+
+
+# Space around the labels of a contact sheet's rows, and the widest label column (pixels).
+LABEL_PAD, LABEL_MAX_WIDTH = 4, 480
+
+
+def contact_sheet(rows: Sequence[np.ndarray], gap: int = 2, background: int = 255,
+                  labels: Sequence[str] | None = None) -> np.ndarray:
     """A grid image: one row per video (stage or prompt), its frames left to right, ``gap`` pixels apart.
 
     Rows may have different frame counts (shorter rows are left blank at the end); all frames share H and W.
+    ``labels`` (one per row) are written in a column on the left, so every row says what it is.
     """
     rows = [_check_video(r) for r in rows]
     h, w = rows[0].shape[1:3]
     if any(r.shape[1:3] != (h, w) for r in rows):
         raise ValueError("contact_sheet: all frames must have the same size")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"contact_sheet: {len(labels)} labels for {len(rows)} rows")
     cols = max(r.shape[0] for r in rows)
     sheet = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), background, np.uint8)
     for i, r in enumerate(rows):
         for j, frame in enumerate(r):
             y, x = i * (h + gap), j * (w + gap)
             sheet[y : y + h, x : x + w] = frame
+    if labels is not None:
+        column = _label_column(list(labels), h, gap, background, LABEL_MAX_WIDTH)
+        sheet = np.concatenate([column, np.full((sheet.shape[0], gap, 3), background, np.uint8), sheet], axis=1)
     return sheet
 
 
-def write_contact_sheet(path: str, rows: Sequence[np.ndarray], gap: int = 2) -> str:
+def write_contact_sheet(path: str, rows: Sequence[np.ndarray], gap: int = 2,
+                        labels: Sequence[str] | None = None) -> str:
     tmp = _atomic(path)
     try:
-        Image.fromarray(contact_sheet(rows, gap)).save(tmp, format="PNG")
+        Image.fromarray(contact_sheet(rows, gap, labels=labels)).save(tmp, format="PNG")
         _publish(tmp, path)
     finally:
         if os.path.exists(tmp):

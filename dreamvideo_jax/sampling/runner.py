@@ -315,7 +315,8 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
                  prompts=np.asarray(r["prompts"]), seed=np.int64(r["seed"]))
     outputs.write_video(path, video, float(s.fps), **extra)
     stem = os.path.splitext(path)[0]
-    sheet = outputs.write_contact_sheet(stem + ".png", stages)
+    labels = [f"stage {k + 1}: {p}" for k, p in enumerate(r["prompts"])] if len(stages) > 1 else None
+    sheet = outputs.write_contact_sheet(stem + ".png", stages, labels=labels)
     sample_drift = {k: np.asarray(v[j]).tolist() for k, v in result.drift.items()}
     meta = {
         "output": path, "contact_sheet": sheet, "frames": int(video.shape[0]), "height": int(video.shape[1]),
