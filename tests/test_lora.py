@@ -1,7 +1,7 @@
 """LoRA adapters: targets, zero-init identity, stacking, training (only A/B change, bitwise resume), adapter
 files, sampling merged vs unmerged, the merge command, and one-line errors for bad inputs.
 
-One tiny LoRA trainer (one device) is compiled once for the module; every training run goes through the loop's
+One tiny LoRA trainer (two devices) is compiled once for the module; every training run goes through the loop's
 own start-up and step code with it.
 """
 
@@ -82,7 +82,8 @@ def runs(tmp_path_factory):
     start = str(root / "start")
     checkpoints.save_base(start, system.random_params(seed=3), config.model)
     config.init_from = start
-    tr = Trainer(config, mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    # Two devices, the frozen base sharded over 'fsdp' (model.sharding rules) and the adapters replicated.
+    tr = Trainer(config, mesh_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2]))
     a, b = str(root / "a"), str(root / "b")
     full = _train(tr, config, a, STEPS)
     shutil.copytree(a, b)
@@ -159,6 +160,9 @@ def test_only_the_adapters_train_and_the_base_stays_frozen(runs, system):
     for path, (a_new, b_new) in lora.pairs(raw).items():
         a0, b0 = lora.pairs(fresh)[path]
         assert np.any(b_new != 0) and not np.array_equal(a_new, a0), path  # both factors moved
+    # The base is sharded over the mesh like any frozen weights; the adapters are replicated.
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(tr.frozen_shardings))
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(tr.trainable_shardings))
     # Optimizer state: only for A and B (AdamW's two moments each, plus scalar counts).
     opt_leaves = [x for x in jax.tree.leaves(tr.abstract_state.opt_state) if np.ndim(x) > 0]
     assert sum(int(np.prod(x.shape)) for x in opt_leaves) == 2 * lora.num_params(system.lora_abstract)

@@ -2,7 +2,8 @@
 
   python -m dreamvideo_jax.lora merge --base=WEIGHTS --lora=ADAPTER[:scale] [--lora=...] --dst=DIR [--overwrite]
       WEIGHTS: a training workdir, WORKDIR/checkpoints/<step> or a base folder; writes DIR as a base checkpoint
-      (sample it with --checkpoint=DIR, or use it as a training config's init_from).
+      (sample it with --checkpoint=DIR -- plus the training --config when its prediction type or noise schedule
+      is not ModelScope's, as for any base checkpoint -- or use it as a training config's init_from).
   python -m dreamvideo_jax.lora export --workdir=WORKDIR [--step=N] [--noema] --dst=DIR
       writes the adapters of a LoRA run's checkpoint (default: the latest, EMA weights) as an adapter folder
       (a run also writes WORKDIR/adapter/ when it ends).
