@@ -97,7 +97,7 @@ def get_config(arg=None):
     config.train = tr = ml_collections.ConfigDict()
     tr.mode = "dreamvideo"  # 'dreamvideo' (retention branch + image) or 't2v' (primary U-Net, text only)
     tr.trainable = ()  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = the mode's default
-    # Low-rank adapters (dreamvideo_jax/lora.py) instead of `trainable` when lora.rank > 0: the whole model is frozen,
+    # Low-rank adapters (dreamvideo_jax/lora) instead of `trainable` when lora.rank > 0: the whole model is frozen,
     # only the adapters' A and B train and have optimizer state; the run writes WORKDIR/adapter/ when it ends.
     tr.lora = ml_collections.ConfigDict()
     tr.lora.rank = 0  # 0 = off; e.g. 16

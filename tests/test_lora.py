@@ -190,6 +190,25 @@ def test_resume_is_bitwise(runs):
         startup.check_compatible(checkpoints.read_workdir_config(runs["a"]), other, "workdir")
 
 
+def test_init_from_a_lora_workdir_starts_from_its_merged_weights(runs):
+    """A new run (full or LoRA) from a LoRA run's workdir starts from that run's base with its adapters (EMA)
+    merged in."""
+    from dreamvideo_jax.training import startup
+
+    tr = runs["tr"]
+    params = jax.device_get(startup.load_init_from(tr, runs["a"], jax.random.key(0)))
+    ema, _ = checkpoints.load_trainable(runs["a"], STEPS, use_ema=True)
+    base, _ = checkpoints.load_base(os.path.join(runs["a"], checkpoints.BASE_DIR))
+    want = flatten(lora.apply(base, [(ema, 2.0)]))  # alpha 8 / rank 4
+    got = flatten(params)
+    assert set(got) == set(want)
+    moved = 0
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-6, err_msg=k)
+        moved += int(not np.array_equal(v, flatten(base)[k]))
+    assert moved == len(lora.pairs(ema))
+
+
 def test_adapter_file_round_trips_with_peft_names(runs, system, tmp_path):
     adapter_dir = os.path.join(runs["a"], loop.ADAPTER_DIR)
     ema, _ = checkpoints.load_trainable(runs["a"], STEPS, use_ema=True)

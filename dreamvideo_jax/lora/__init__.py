@@ -102,7 +102,8 @@ def spec_from_config(config) -> Spec | None:
     lora = (train or {}).get("lora") if train is not None else None
     if lora is None or int(lora.get("rank", 0) or 0) <= 0:
         return None
-    targets = tuple(lora.get("targets") or ()) or DEFAULT_TARGETS
+    targets = lora.get("targets") or ()
+    targets = ((targets,) if isinstance(targets, str) else tuple(targets)) or DEFAULT_TARGETS
     return Spec(int(lora["rank"]), float(lora.get("alpha", 0.0) or 0.0), targets)
 
 
@@ -115,7 +116,8 @@ def check_config(lora) -> None:
         raise ValueError(f"train.lora.rank={lora.rank} must be >= 0 (0 = no adapters)")
     if float(lora.alpha) < 0:
         raise ValueError(f"train.lora.alpha={lora.alpha} must be >= 0 (0 = rank)")
-    for t in tuple(lora.targets or ()):
+    targets = lora.targets or ()
+    for t in (targets,) if isinstance(targets, str) else tuple(targets):
         pattern(t)
 
 

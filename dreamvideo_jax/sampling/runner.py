@@ -58,7 +58,7 @@ class Options:
     save_latents: str | None = None
     batch_size: int = 0
     progress: bool = True
-    lora: tuple = ()  # LoRA adapters, 'PATH[:scale]' each, stacked (dreamvideo_jax/lora.py)
+    lora: tuple = ()  # LoRA adapters, 'PATH[:scale]' each, stacked (dreamvideo_jax/lora)
     lora_merge: bool = True  # merge them into the weights at load (False: add them inside every step)
     overrides: dict = dataclasses.field(default_factory=dict)
 

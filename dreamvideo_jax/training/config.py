@@ -21,7 +21,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         mode="dreamvideo",  # 'dreamvideo' (retention branch + image) or 't2v' (primary U-Net, text only)
         trainable=(),  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = mode default
-        # Low-rank adapters instead of `trainable` when lora.rank > 0 (dreamvideo_jax/lora.py): rank, alpha
+        # Low-rank adapters instead of `trainable` when lora.rank > 0 (dreamvideo_jax/lora): rank, alpha
         # (0 = rank), targets (regexes or presets 'attention' | 'temporal' | 'branch'; () = ('attention',)).
         lora=lora_lib.defaults(),
         num_steps=100_000,
