@@ -5,6 +5,7 @@ and the sampling loop.
   python -m benchmarks --suite=config --config=configs/demo_shapes.py:t2v [--steps=10] [--step_memory]
   python -m benchmarks --suite=data [--data_batch_size=16 --data_batches=60 --train_step_s=0.26 --skip_real]
   python -m benchmarks --suite=sampling_loop [--config=configs/tiny.py] [--sampling_steps=10,25 ...] [--toy_models]
+  python -m benchmarks --suite=lora [--config=configs/tiny.py] [--lora_rank=16] [--steps=10] [--step_memory]
   PYTHONPATH=.:/path/to/libtpu_pkg python -m benchmarks --suite=attention_tpu
 
 Suites (each module's docstring has the details):
@@ -17,6 +18,9 @@ Suites (each module's docstring has the details):
   data            benchmarks/data.py: input-pipeline clips/s next to what the demo's train step consumes.
   sampling_loop   benchmarks/sampling.py: the sampling pipeline's Python loop vs lax.scan (`--config`, default
       configs/tiny.py).
+  lora            benchmarks/lora.py: LoRA fine-tuning (rank `--lora_rank`, the config's `train.lora.targets`)
+      against full fine-tuning of `train.trainable`: trainable parameters, optimizer and gradient bytes, step time
+      (`--config`, default configs/tiny.py).
   attention_tpu   benchmarks/attention_tpu.py: the attention implementations compiled by XLA:TPU for a v5e chip
       without a TPU (libtpu on PYTHONPATH): memory, FLOPs, bytes, roofline. Its own flags: `python -m
       benchmarks.attention_tpu --help`.
@@ -41,10 +45,10 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-from benchmarks import attention_tpu, common, data, model, sampling, train_config
+from benchmarks import attention_tpu, common, data, lora, model, sampling, train_config
 
 ALL = tuple(model.SUITES)  # --suite=all
-SUITES = ALL + ("config", "data", "sampling_loop", "attention_tpu")
+SUITES = ALL + ("config", "data", "sampling_loop", "lora", "attention_tpu")
 DEFAULT_SAMPLING_CONFIG = "configs/tiny.py"
 
 
@@ -58,9 +62,10 @@ def define_flags(fv: flags.FlagValues) -> None:
                       flag_values=fv)
     config_flags.DEFINE_config_file("config", None, "--suite=config (required) and sampling_loop: config file, "
                                     "configs/X.py[:arg].", flag_values=fv)
-    flags.DEFINE_integer("steps", 10, "--suite=config: timed train steps.", flag_values=fv)
-    flags.DEFINE_bool("step_memory", False, "--suite=config: also the compiled step's memory (compiles it once "
-                      "more).", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "--suite=config and lora: timed train steps.", flag_values=fv)
+    flags.DEFINE_integer("lora_rank", 16, "--suite=lora: adapter rank.", flag_values=fv)
+    flags.DEFINE_bool("step_memory", False, "--suite=config and lora: also the compiled step's memory (compiles it "
+                      "once more).", flag_values=fv)
     flags.DEFINE_bool("retain_freed_memory", False, "Keep freed memory in the process for both frameworks "
                       "(parallel/host_cpu.py): no page faults per step, slower compiles.", flag_values=fv)
     flags.DEFINE_integer("data_batch_size", 16, "--suite=data: clips per batch.", flag_values=fv)
@@ -87,7 +92,7 @@ def _config(config: Any):
 
 def run(suites, quick: bool = False, config: Any = None, steps: int = 10, suite_sizes: Optional[dict] = None,
         output: str = "", config_name: str = "", step_memory: bool = False, data_options: Optional[dict] = None,
-        sampling_options: Optional[dict] = None) -> dict:
+        sampling_options: Optional[dict] = None, lora_rank: int = 16) -> dict:
     """Runs the suites in order; `suite_sizes` replaces `model.sizes(quick)` (the tests use tiny shapes).
     `config`: a ConfigDict or a `configs/X.py[:arg]` string (the config suite; sampling_loop, default
     configs/tiny.py). With `output`, the results so far are written after every suite."""
@@ -105,9 +110,14 @@ def run(suites, quick: bool = False, config: Any = None, steps: int = 10, suite_
         cfg, name = _config(DEFAULT_SAMPLING_CONFIG if config is None else config)
         return sampling.run(cfg, config_name=config_name or name, **(sampling_options or {}))
 
+    def lora_suite():
+        cfg, name = _config(DEFAULT_SAMPLING_CONFIG if config is None else config)
+        return {"config_file": config_name or name or DEFAULT_SAMPLING_CONFIG,
+                **lora.run(cfg, steps, lora_rank, step_memory)}
+
     fns = {name: (lambda f: lambda: f(s, cache))(f) for name, f in model.SUITES.items()}
     fns.update(config=config_suite, data=lambda: data.run(**(data_options or {})), sampling_loop=sampling_suite,
-               attention_tpu=attention_tpu.run)
+               lora=lora_suite, attention_tpu=attention_tpu.run)
     t_all = time.perf_counter()
     for name in suites:
         t0 = time.perf_counter()
@@ -137,6 +147,8 @@ def print_tables(res: dict) -> None:
         data.print_table(res["data"])
     if "sampling_loop" in res:
         sampling.print_table(res["sampling_loop"])
+    if "lora" in res:
+        lora.print_table(res["lora"])
     if "attention_tpu" in res:
         attention_tpu.print_table(res["attention_tpu"])
     common.print_walls(res)
@@ -154,7 +166,7 @@ def _run_flags(fv: flags.FlagValues) -> dict:
     name = config_flags.get_config_filename(fv["config"]) if fv.config is not None else ""
     suites = ALL if fv.suite == "all" else (fv.suite,)
     res = run(suites, fv.quick, fv.config, fv.steps, output=fv.output, config_name=name,
-              step_memory=fv.step_memory,
+              step_memory=fv.step_memory, lora_rank=fv.lora_rank,
               data_options=dict(batch_size=fv.data_batch_size, batches=fv.data_batches, train_step_s=fv.train_step_s,
                                 num_train=fv.data_num_train, skip_real=fv.skip_real),
               sampling_options=dict(steps=tuple(int(x) for x in fv.sampling_steps),

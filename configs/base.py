@@ -97,6 +97,12 @@ def get_config(arg=None):
     config.train = tr = ml_collections.ConfigDict()
     tr.mode = "dreamvideo"  # 'dreamvideo' (retention branch + image) or 't2v' (primary U-Net, text only)
     tr.trainable = ()  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = the mode's default
+    # Low-rank adapters (dreamvideo_jax/lora) instead of `trainable` when lora.rank > 0: the whole model is frozen,
+    # only the adapters' A and B train and have optimizer state; the run writes WORKDIR/adapter/ when it ends.
+    tr.lora = ml_collections.ConfigDict()
+    tr.lora.rank = 0  # 0 = off; e.g. 16
+    tr.lora.alpha = 0.0  # the update is scaled by alpha / rank; 0 = rank (scale 1)
+    tr.lora.targets = ()  # regexes over parameter paths or presets 'attention' | 'temporal' | 'branch'; () = attention
     tr.num_steps = 100_000  # training steps
     tr.batch_size = 8  # global batch, over all processes
     tr.per_device_batch_size = 0  # > 0: global batch = this x the mesh's data x fsdp devices (replaces batch_size)

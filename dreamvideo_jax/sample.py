@@ -12,6 +12,9 @@
   # the text-to-video base (converted ModelScope weights), image-to-video by first-frame replacement:
   python -m dreamvideo_jax.sample --checkpoint=/weights/modelscope --image=cat.png --prompt="a cat" \\
       --config.sample.first_frame_replacement=True --output=base.mp4
+  # with a LoRA adapter a training run wrote (PATH[:scale], repeatable to stack adapters):
+  python -m dreamvideo_jax.sample --workdir=/runs/dreamvideo --lora=/runs/my_clips/adapter:0.8 --image=cat.png \\
+      --prompt="a cat moves in a circle" --output=circle.mp4
   # smoke test of the whole pipeline with random weights:
   python -m dreamvideo_jax.sample --config=configs/tiny.py --random_init --image=cat.png --output=/tmp/x.mp4
 
@@ -57,9 +60,13 @@ flags.DEFINE_string("output", None, "Output video: .mp4, .gif or .npz.")
 flags.DEFINE_string("save_latents", None, "Also write the latents to this .npz as soon as they are sampled.")
 flags.DEFINE_integer("batch_size", 0, "Samples per batch with --prompts_file (0 = the number of devices).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_multi_string("lora", [], "LoRA adapter folder (e.g. WORKDIR/adapter) as PATH or PATH:scale; repeat to "
+                          "stack adapters.")
+flags.DEFINE_bool("lora_merge", True, "Merge the adapters into the weights at load (--nolora_merge: add them "
+                  "inside every denoising step, leaving the weights untouched).")
 
 IO_FLAGS = ("workdir", "checkpoint", "step", "ema", "random_init", "mode", "image", "prompt", "prompt2",
-            "prompts_file", "output", "save_latents", "batch_size", "progress")
+            "prompts_file", "output", "save_latents", "batch_size", "progress", "lora", "lora_merge")
 
 
 def main(argv: list[str]) -> int:

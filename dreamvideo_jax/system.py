@@ -36,6 +36,7 @@ import numpy as np
 from flax import traverse_util
 
 from dreamvideo_jax import config_io
+from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.errors import CheckpointError
 from dreamvideo_jax.models import build as model_build
@@ -125,7 +126,11 @@ def architecture(config) -> dict:
     train = d.get("train", {})
     mode = train.get("mode", "dreamvideo")
     pats = list(train.get("trainable") or DEFAULT_TRAINABLE[mode])
-    return {"model": model, "train": {"mode": mode, "trainable": pats}}
+    out = {"model": model, "train": {"mode": mode, "trainable": pats}}
+    spec = lora_lib.spec_from_config(d)
+    if spec is not None:  # adapters replace the trainable set (absent when off: older configs hash the same)
+        out["train"]["lora"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)}
+    return out
 
 
 def architecture_hash(config) -> str:
@@ -183,6 +188,8 @@ class System:
         self.context_length = model_build.text_config(m).context_length
         frozen = m.get("frozen_dtype", "") or ""
         self.frozen_dtype = model_build.dtype_of(frozen) if frozen else None
+        # Low-rank adapters (`train.lora.rank > 0`): they are the trainable tree, the whole layout is frozen.
+        self.lora = lora_lib.spec_from_config(config) if self.mode == config_mode(config) else None
 
     # -- identity: equal systems share compiled programs (a System is a static argument of jitted functions) --
 
@@ -208,6 +215,11 @@ class System:
     def abstract(self) -> dict:
         """`jax.ShapeDtypeStruct`s of every parameter in the layout."""
         return sharding.unbox(self.boxed_abstract)
+
+    @functools.cached_property
+    def lora_abstract(self) -> dict:
+        """ShapeDtypeStructs of the adapter tree of `train.lora` (`{}` when LoRA is off)."""
+        return lora_lib.abstract(self.model_params(self.abstract), self.lora) if self.lora else {}
 
     @property
     def model_groups(self) -> tuple[str, ...]:
@@ -246,6 +258,13 @@ class System:
         for k, v in frozen.items():  # keep empty groups
             out.setdefault(k, v)
         return out
+
+    def combine(self, trainable: dict, frozen: dict) -> dict:
+        """The layout the model runs with: :meth:`merge` of the two halves, or with LoRA the frozen layout with the
+        adapters' updates added (`lora.apply`; traceable, so the train step computes it on the fly)."""
+        if self.lora is not None:
+            return lora_lib.apply(frozen, [(trainable, self.lora.factor)])
+        return System.merge(trainable, frozen)
 
     def store_frozen(self, tree: Any) -> Any:
         """Weights that are not trained, in `model.frozen_dtype` (floating arrays or ShapeDtypeStructs; others

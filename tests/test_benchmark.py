@@ -232,3 +232,32 @@ def test_attention_tpu_suite_compiles_for_v5e():
     rows = {r["impl"]: r for r in res["rows"]}
     assert set(rows) == {"xla", "splash"} and all("error" not in r for r in rows.values())
     assert rows["splash"]["kernel_flops"] > 0 and rows["xla"]["auto"] == "xla"
+
+
+def test_lora_suite_compares_the_two_trainers_on_one_init(monkeypatch, capsys):
+    """The lora suite's wiring (the trainers themselves are the library's, tested in test_lora.py): full
+    fine-tuning with rank 0, then LoRA of --lora_rank on the same initial weights, and the table."""
+    from benchmarks import lora as lora_bench
+
+    seen = []
+
+    class Bench:
+        params = {"fake": "weights"}
+
+    def fake_side(config, batch, steps, memory, params=None):
+        seen.append((int(config.train.lora.rank), params, batch["video"].shape, steps))
+        n = 1000 if config.train.lora.rank == 0 else 100
+        side = {"trainable_params": n, "optimizer_bytes": 8 * n, "gradient_bytes": 4 * n, "train_state_bytes": 16 * n,
+                "compile_seconds": 1.0, "step_seconds_median": 0.5 if n == 1000 else 0.25, "step_seconds_min": 0.2,
+                "final_loss": 1.0}
+        return side, Bench()
+
+    monkeypatch.setattr(lora_bench, "_side", fake_side)
+    res = cli.run(("lora",), config="configs/tiny.py", steps=3, lora_rank=8)
+    assert [(r, p, s) for r, p, _, s in seen] == [(0, None, 3), (8, Bench.params, 3)]
+    assert seen[0][2] == (8, 4, 16, 16, 3)  # the config's batch and clip
+    r = res["lora"]
+    assert r["lora_rank"] == 8 and r["lora_targets"] == ["attention"] and r["ratios"]["trainable_params"] == 0.1
+    cli.print_tables(res)
+    out = capsys.readouterr().out
+    assert "LoRA rank 8 on ['attention'] vs full fine-tuning" in out and "0.5000" in out

@@ -235,14 +235,20 @@ def load(path: str, step: int | None = None, use_ema: bool = True, config=None,
     loaded_step = None
     if available:
         trainable, loaded_step = load_trainable(loc.root, step, use_ema)
-        params = merge_stored(params, trainable)
+        params = merge_stored(params, trainable, cfg)
     what = "initial weights (no checkpoint yet)" if loaded_step is None else (
         f"step {loaded_step}, {'EMA' if use_ema else 'raw'} weights")
     return Loaded(cfg, params, f"workdir {loc.root}, {what}", loaded_step, tok)
 
 
-def merge_stored(base: dict, trainable: dict) -> dict:
-    """A base dict with a checkpoint's trainable tree merged in by path."""
+def merge_stored(base: dict, trainable: dict, config=None) -> dict:
+    """A base dict with a checkpoint's trainable tree merged in by path; when `config` (the workdir's) trained LoRA
+    adapters, the trainable tree is the adapters and they are merged into the base's kernels."""
+    from dreamvideo_jax import lora as lora_lib
+
+    spec = lora_lib.spec_from_config(config) if config is not None else None
+    if spec is not None:
+        return lora_lib.apply(base, [(trainable, spec.factor)])
     flat = system_lib.flatten(base)
     flat.update(system_lib.flatten(trainable))
     return {**base, **system_lib.unflatten(flat)}

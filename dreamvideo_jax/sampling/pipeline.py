@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax.data import tokenizer as tokenizer_lib
 from dreamvideo_jax.diffusion import samplers
 from dreamvideo_jax.parallel import mesh as mesh_lib
@@ -208,6 +209,18 @@ class GuidedModel:
         return jnp.stack([out[:, 0], out[:, 0], out[:, 1]], axis=1).reshape(x3.shape)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaptedModel:
+    """A model function whose first argument is ``(model params, [(adapter tree, factor), ...])``: the adapters'
+    updates are added to the weights inside every call (unmerged LoRA; the factors are inputs)."""
+
+    model: Any
+
+    def __call__(self, bundle, *args):
+        params, adapters = bundle
+        return self.model(lora_lib.apply(params, [(tree, factor) for tree, factor in adapters]), *args)
+
+
 @functools.partial(jax.jit, static_argnames=("system", "out_sharding"))
 def encode_text(system: System, text_params, ids, *, out_sharding=None):
     """Token ids ``(B, L)`` -> float32 text embeddings ``(B, L, D)``."""
@@ -282,10 +295,17 @@ class Sampler:
         tokenizer: a CLIP tokenizer object; default: ``config.sample.tokenizer`` / ``tokenizer_dir`` / CLIP built
             offline from open_clip's vocabulary.
         tokenizer_dir: a tokenizer folder shipped with the weights (used when ``config.sample.tokenizer`` is '').
+        lora: LoRA adapters to stack on the weights, ``[(lora.Adapter, scale), ...]`` (`lora.load_all`).
+        lora_merge: add the adapters' updates to the weights once, here (True: no cost per step), or inside every
+            denoising step (False: the weights stay as given, the scales are inputs of the step).
+
+    Raises:
+        CheckpointError: weights (or adapters) that do not fit the model, naming the first mismatch.
     """
 
     def __init__(self, config, params: dict, *, mesh: Mesh | None = None, mode: str | None = None,
-                 tokenizer: Any = None, tokenizer_dir: str | None = None):
+                 tokenizer: Any = None, tokenizer_dir: str | None = None,
+                 lora: Sequence[tuple[Any, float]] = (), lora_merge: bool = True):
         self.config = config
         self.options = sample_config.resolve(config)
         self.system = System(config, mode)
@@ -294,7 +314,16 @@ class Sampler:
         self.schedule = self.system.schedule
         self.factor = self.system.factor
         # Nothing is trained here: every weight is stored in model.frozen_dtype ('bfloat16' halves them).
-        self._params = self.system.store_frozen(self.system.conform(params, "the weights"))
+        params = self.system.conform(params, "the weights")
+        model_abstract = self.system.model_params(self.system.abstract)
+        for adapter, _ in lora:
+            lora_lib.check_fits(adapter, model_abstract)
+        self._lora: list[tuple[dict, np.ndarray]] = []
+        if lora and lora_merge:
+            params = lora_lib.apply(jax.tree.map(np.asarray, params), lora_lib.stack(lora))
+        elif lora:
+            self._lora = [(tree, np.float32(f)) for tree, f in lora_lib.stack(lora)]
+        self._params = self.system.store_frozen(params)
         self._tokenizer = tokenizer
         self._tokenizer_dir = tokenizer_dir
         self._mesh = mesh
@@ -506,7 +535,8 @@ class Sampler:
         if self._placed is None or self._placed[0] != key:
             self._placed = None  # free the previous copy first
             rep = NamedSharding(mesh, P())
-            self._placed = (key, jax.device_put({"params": self._params, "schedule": self.schedule}, rep))
+            self._placed = (key, jax.device_put({"params": self._params, "schedule": self.schedule,
+                                                 "lora": self._lora}, rep))
         return self._placed[1]
 
     @contextlib.contextmanager
@@ -573,7 +603,11 @@ class Sampler:
         state = samplers.SamplerState(x_t, place(np.zeros(x_t.shape, np.float32), bs))
         o = self.options
         rows = samplers.sampling_plan(self._timesteps(req), bool(o.set_alpha_to_one)).rows()
-        model = jax.tree_util.Partial(GuidedModel(self.system), self.system.model_params(params["params"]))
+        model_params = self.system.model_params(params["params"])
+        if params.get("lora"):  # unmerged adapters: added to the weights inside the step
+            model = jax.tree_util.Partial(AdaptedModel(GuidedModel(self.system)), (model_params, params["lora"]))
+        else:
+            model = jax.tree_util.Partial(GuidedModel(self.system), model_params)
         static = dict(sampler=req.sampler, prediction_type=self.prediction_type,
                       set_alpha_to_one=bool(o.set_alpha_to_one))
         return model, params["schedule"], state, rows, cond, knobs, ref, static
@@ -697,7 +731,7 @@ class Sampler:
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), structs)
 
         with jax.set_mesh(mesh):  # as the real calls: attention kernels shard themselves over the context mesh
-            params = abstract({"params": self._params, "schedule": self.schedule}, rep)
+            params = abstract({"params": self._params, "schedule": self.schedule, "lora": self._lora}, rep)
             out: dict[str, jax.stages.Lowered] = {}
             ids = place(np.zeros((req.padded, self.system.context_length), np.int32), bs)
             text_fn = functools.partial(encode_text, self.system, out_sharding=bs)

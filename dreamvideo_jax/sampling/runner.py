@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from dreamvideo_jax import checkpoints
+from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.errors import CheckpointError
 from dreamvideo_jax.models import build as model_build
@@ -57,6 +58,8 @@ class Options:
     save_latents: str | None = None
     batch_size: int = 0
     progress: bool = True
+    lora: tuple = ()  # LoRA adapters, 'PATH[:scale]' each, stacked (dreamvideo_jax/lora)
+    lora_merge: bool = True  # merge them into the weights at load (False: add them inside every step)
     overrides: dict = dataclasses.field(default_factory=dict)
 
 
@@ -241,14 +244,23 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
                                                                                        opts.prompts_file)]
     inputs.check_not_inputs(written, read)
 
+    # Adapters (files read before the weights; checked against the model when the sampler is built).
+    adapters = lora_lib.load_all(list(opts.lora or ()))
+
     # Weights.
     loaded = load_weights(config, workdir=opts.workdir, checkpoint=opts.checkpoint, step=opts.step, ema=opts.ema,
                           random_init=opts.random_init, mode=mode)
+    if adapters:
+        loaded.source += " + LoRA " + ", ".join(f"{a.source} x{scale:g}" for a, scale in adapters) + (
+            " (merged)" if opts.lora_merge else " (unmerged)")
     echo(f"weights: {loaded.source}")
     from dreamvideo_jax.sampling.pipeline import Sampler, Timings
 
     try:
-        sampler = Sampler(loaded.config, loaded.params, mesh=mesh, mode=mode, tokenizer_dir=loaded.tokenizer_dir)
+        sampler = Sampler(loaded.config, loaded.params, mesh=mesh, mode=mode, tokenizer_dir=loaded.tokenizer_dir,
+                          lora=adapters, lora_merge=opts.lora_merge)
+    except lora_lib.AdapterError:
+        raise
     except CheckpointError as e:
         raise inputs.InputError("mode", opts.mode, str(e)) from None
     if any(r["image_u8"] is None for r in reqs) and (sampler.mode == "dreamvideo" or s.first_frame_replacement):

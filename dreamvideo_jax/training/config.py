@@ -11,6 +11,7 @@ import re
 
 import ml_collections
 
+from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax import system as system_lib
 from dreamvideo_jax.diffusion import schedules
 
@@ -20,6 +21,9 @@ def train_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         mode="dreamvideo",  # 'dreamvideo' (retention branch + image) or 't2v' (primary U-Net, text only)
         trainable=(),  # regexes over parameter paths (e.g. 'unet/down_blocks_0/.../kernel'); () = mode default
+        # Low-rank adapters instead of `trainable` when lora.rank > 0 (dreamvideo_jax/lora): rank, alpha
+        # (0 = rank), targets (regexes or presets 'attention' | 'temporal' | 'branch'; () = ('attention',)).
+        lora=lora_lib.defaults(),
         num_steps=100_000,
         batch_size=8,  # global, over all processes
         # > 0: the global batch is this many clips per data-parallel device (the mesh's data x fsdp), which
@@ -96,6 +100,8 @@ def check_config(config) -> None:
     unknown = sorted(set(t) - set(train_defaults()))
     if unknown:
         raise ValueError(f"train: unknown config keys {unknown}; known keys are {sorted(train_defaults())}")
+    if t.get("lora") is not None:
+        lora_lib.check_config(t.lora)
     if "diffusion" in config:
         num_t = int(schedules.section(config.diffusion)["num_train_timesteps"])
         if not 0 <= int(t.timestep_high_start) < num_t:

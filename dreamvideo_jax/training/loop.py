@@ -34,6 +34,8 @@ from dreamvideo_jax.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+ADAPTER_DIR = "adapter"  # WORKDIR/adapter/: the LoRA adapters of the last step (lora.save), written at the end
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -212,8 +214,9 @@ def _train_locked(tr: Trainer, config, wd: epath.Path, workdir: str, data_iterat
     if stored_config is not None:
         startup.check_compatible(stored_config, config, f"workdir {workdir}")
         startup.log_config_changes(stored_config, config)
-    log.info("mesh %s over %d devices (%d processes); %d trainable parameter arrays", dict(tr.mesh.shape),
-             tr.mesh.size, jax.process_count(), len(tr.system.trainable_paths))
+    log.info("mesh %s over %d devices (%d processes); %d trainable parameter arrays%s", dict(tr.mesh.shape),
+             tr.mesh.size, jax.process_count(), len(jax.tree.leaves(tr.abstract_state.params)),
+             f" (LoRA rank {tr.system.lora.rank})" if tr.system.lora is not None else "")
     ckpt = checkpoints.Checkpointer(checkpoints.checkpoint_dir(os.fspath(wd)), keep=int(t.keep_checkpoints),
                                     keep_every=int(t.keep_every), use_async=bool(t.async_checkpointing))
     data_it = None
@@ -229,7 +232,8 @@ def _train_locked(tr: Trainer, config, wd: epath.Path, workdir: str, data_iterat
             data_it.set_state(data_state)
         writer = metric_log.MetricWriter(os.fspath(wd), resume_step=start_step)
         evaluator = Evaluator(tr, config) if int(t.get("eval_every", 0)) > 0 else None
-        result = run_steps(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step, evaluator)
+        result = run_steps(tr, config, state, frozen, data_it, ckpt, writer, watcher, start_step, evaluator,
+                           adapter_dir=os.fspath(wd / ADAPTER_DIR) if tr.system.lora is not None else None)
         result.source = source
         return result
     finally:
@@ -240,9 +244,23 @@ def _train_locked(tr: Trainer, config, wd: epath.Path, workdir: str, data_iterat
         ckpt.close()
 
 
+def save_adapter(tr: Trainer, state, directory: str) -> str:
+    """Writes the LoRA adapters of `state` (EMA weights with `train.init_from_ema`, else the raw ones) as an
+    adapter folder (`lora.save`); process 0 writes."""
+    from dreamvideo_jax import lora as lora_lib
+    from dreamvideo_jax.system import flatten
+
+    tree = jax.device_get(state.ema if bool(tr.config.train.init_from_ema) else state.params)
+    shapes = {p: tuple(s.shape) for p, s in flatten(tr.system.model_params(tr.abstract_params)).items()}
+    if jax.process_index() == 0:
+        lora_lib.save(directory, tree, tr.system.lora, shapes)
+    return directory
+
+
 def run_steps(tr: Trainer, config, state, frozen, data_it, ckpt: checkpoints.Checkpointer,
          writer: metric_log.MetricWriter,
-         watcher: PreemptionWatcher, start_step: int, evaluator: Evaluator | None = None) -> TrainResult:
+         watcher: PreemptionWatcher, start_step: int, evaluator: Evaluator | None = None,
+         adapter_dir: str | None = None) -> TrainResult:
     t = config.train
     eval_every = int(t.get("eval_every", 0))
     num_steps, every, log_every = int(t.num_steps), int(t.checkpoint_every), max(1, int(t.log_every))
@@ -331,6 +349,9 @@ def run_steps(tr: Trainer, config, state, frozen, data_it, ckpt: checkpoints.Che
         if pending is not None:
             check(pending)
         ckpt.wait()
+        if adapter_dir is not None and step > start_step:
+            save_adapter(tr, state, adapter_dir)
+            log.info("wrote the LoRA adapters of step %d to %s", step, adapter_dir)
     finally:
         progress.close()
     sps = run_steps / (time.perf_counter() - run_t0) if run_t0 is not None and run_steps else None

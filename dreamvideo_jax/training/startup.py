@@ -19,6 +19,7 @@ import ml_collections
 from etils import epath
 
 from dreamvideo_jax import checkpoints, config_io
+from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax import system as system_lib
 from dreamvideo_jax.checkpoints.base import sync_processes
 from dreamvideo_jax.diffusion import schedules
@@ -113,7 +114,6 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
     except InputError:
         raise CheckpointError(f"init_from {path} is neither a base checkpoint ({checkpoints.base.BASE_MODEL_CONFIG}) "
                               f"nor a training workdir ({checkpoints.CONFIG_FILE} and {checkpoints.BASE_DIR}/)") from None
-    params = tr.init_params(key)
     if loc.kind == "workdir":
         root = loc.root
         base_path = os.fspath(epath.Path(root) / checkpoints.BASE_DIR)
@@ -124,6 +124,12 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
         base, _ = checkpoints.load_base(base_path, target=_base_target(tr, want))
         try:
             trainable, step = checkpoints.load_trainable(root, loc.step, bool(config.train.init_from_ema))
+            spec = lora_lib.spec_from_config(checkpoints.read_workdir_config(root))
+            if spec is not None:  # a LoRA run: its adapters merged into its base's kernels
+                shardings = jax.tree.map(lambda x: x.sharding, base)
+                base = jax.jit(lambda b, t: lora_lib.apply(b, [(t, spec.factor)]), out_shardings=shardings)(
+                    base, trainable)
+                trainable = {}
             flat = system_lib.flatten(base)
             shardings = system_lib.flatten(tr.param_shardings)
             for k, v in system_lib.flatten(trainable).items():
@@ -144,7 +150,10 @@ def load_init_from(tr: Trainer, path: str, key: jax.Array) -> dict:
     src_has_branch = "retention" in base
     if "unet" not in base:
         raise CheckpointError(f"init_from {path} holds no 'unet' parameters")
-    params = _params_from_base(tr, base, params)
+    # Random init only for the groups the source lacks (e.g. the retention branch of a text-to-video base).
+    lacking = [k for k in tr.system.groups if jax.tree.leaves(tr.abstract_params[k])
+               and not (k in base and jax.tree.leaves(base[k]))]
+    params = _params_from_base(tr, base, tr.init_params(key) if lacking else None)
     if tr.mode == "dreamvideo" and not src_has_branch:
         params = tr.copy_retention_from_unet(params)
         log.info("retention branch initialised from the loaded primary U-Net")

@@ -41,7 +41,8 @@ def _to_unit_range(x: jax.Array) -> jax.Array:
 
 
 def make_loss_fn(system: System) -> Callable:
-    """`(trainable, frozen, batch, key) -> (loss, aux)`; `trainable` and `frozen` are `system.split` halves."""
+    """`(trainable, frozen, batch, key) -> (loss, aux)`; `trainable` and `frozen` are `system.split` halves (with
+    LoRA: the adapter tree and the whole layout, combined by `system.combine`)."""
     t = system.config.train
     mode, schedule = system.mode, system.schedule
     prediction_type = system.prediction_type
@@ -72,7 +73,7 @@ def make_loss_fn(system: System) -> Callable:
         if mode == "t2v":
             dummy = jnp.zeros((b, 1), jnp.float32)
             context, _, masks = objective.condition_dropout(k_drop, context, null_context, dummy, p_drop)
-            pred = system.predict(System.merge(trainable, frozen), x_t, timesteps, context, train=True,
+            pred = system.predict(system.combine(trainable, frozen), x_t, timesteps, context, train=True,
                                   rngs={"dropout": k_dropout})
             image_dropped = jnp.zeros((b,), bool)
         else:
@@ -88,7 +89,7 @@ def make_loss_fn(system: System) -> Callable:
             image = jax.lax.stop_gradient(image.astype(jnp.float32))
             context, image, masks = objective.condition_dropout(k_drop, context, null_context, image, p_drop)
             image_dropped = masks.image_dropped
-            pred = system.predict(System.merge(trainable, frozen), x_t, timesteps, context, image, train=True,
+            pred = system.predict(system.combine(trainable, frozen), x_t, timesteps, context, image, train=True,
                                   rngs={"dropout": k_dropout})
         out = objective.diffusion_loss(pred, target, timesteps, schedule=schedule, prediction_type=prediction_type,
                                        loss_weighting=t.loss_weighting, snr_gamma=float(t.snr_gamma))

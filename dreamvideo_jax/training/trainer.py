@@ -50,8 +50,13 @@ class Trainer:
         # Boxed abstract tree -> shardings (an unboxed tree in the layout).
         self.param_shardings = sharding.tree_shardings(self.system.boxed_abstract, self.mesh, self.rules, fsdp_min)
         self.abstract_params = self.system.abstract
-        self.trainable_shardings, self.frozen_shardings = self.system.split(self.param_shardings)
-        abs_trainable, abs_frozen = self.system.split(self.abstract_params)
+        if self.system.lora is not None:  # LoRA: the adapters (small, replicated) train; the whole layout is frozen
+            abs_trainable = self.system.lora_abstract
+            self.trainable_shardings = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_trainable)
+            self.frozen_shardings, abs_frozen = self.param_shardings, self.abstract_params
+        else:
+            self.trainable_shardings, self.frozen_shardings = self.system.split(self.param_shardings)
+            abs_trainable, abs_frozen = self.system.split(self.abstract_params)
         abs_frozen = self.system.store_frozen(abs_frozen)  # model.frozen_dtype
         self.tx, self.lr_fn = state_lib.make_optimizer(config.train)
         seed = int(config.seed)
@@ -75,6 +80,7 @@ class Trainer:
         self._compiled = None
         self._init_fn = None
         self._state_fn = None
+        self._adapters_fn = None
         self.compile_seconds = None
         self.lower_seconds = None
 
@@ -113,12 +119,26 @@ class Trainer:
                             if not isinstance(x, jax.Array) else jax.device_put(x, s), tree, shardings)
 
     def split(self, params: dict) -> tuple[dict, dict]:
-        """All params -> (trainable, frozen) (`System.split`), the frozen half stored in `model.frozen_dtype`."""
+        """All params -> (trainable, frozen) (`System.split`), the frozen half stored in `model.frozen_dtype`.
+        With LoRA: (fresh adapters drawn from `config.seed`, all params)."""
+        if self.system.lora is not None:
+            return self.init_adapters(), self.system.store_frozen(params)
         trainable, frozen = self.system.split(params)
         return trainable, self.system.store_frozen(frozen)
 
+    def init_adapters(self) -> dict:
+        """Fresh LoRA adapters (A random, B zero), replicated over the mesh."""
+        from dreamvideo_jax import lora as lora_lib
+
+        key = jax.random.fold_in(jax.random.key(int(self.config.seed)), 0x10AA)
+        if self._adapters_fn is None:
+            self._adapters_fn = jax.jit(lambda k: lora_lib.init(self.system.lora_abstract, k),
+                                        out_shardings=self.trainable_shardings)
+        return self._adapters_fn(key)
+
     def merge(self, trainable: dict, frozen: dict) -> dict:
-        return self.system.merge(trainable, frozen)
+        """The weights the model runs with (`System.combine`: with LoRA, the adapters merged into the base)."""
+        return self.system.combine(trainable, frozen)
 
     def init_state(self, trainable: dict) -> state_lib.TrainState:
         if self._state_fn is None:
