@@ -118,7 +118,8 @@ def _metrics(videos, captions, images) -> dict:
 
 def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_steps=None, stage2_steps=None,
         sample_steps=None, num_images: int = 8, progress: bool = True) -> dict:
-    """Runs (or resumes) the whole demo; returns the metrics written to `workdir/metrics.json`."""
+    """Runs (or resumes) the whole demo; returns the metrics written to `workdir/metrics.json`, or None when a
+    training stage was stopped on request (SIGTERM / Ctrl-C: it saved a checkpoint, and a rerun resumes)."""
     import jax
 
     from scipy import stats
@@ -144,6 +145,10 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         timings[f"{name}_seconds"] = round(time.perf_counter() - t0, 1)
         timings[f"{name}_source"] = result.source
         timings[f"{name}_steps"] = int(result.step)
+        if result.preempted:  # stopped on request: nothing is sampled from a half-trained stage
+            log.warning("%s stopped at step %d of %d on request (checkpoint saved); run the same command again to "
+                        "resume", name, result.step, cfg.train.num_steps)
+            return None
 
     t0 = time.perf_counter()
     held = held_out_examples(c2, num_images)
@@ -261,6 +266,10 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     m = run(FLAGS.workdir, FLAGS.config, stage1_steps=FLAGS.stage1_steps, stage2_steps=FLAGS.stage2_steps,
             sample_steps=FLAGS.sample_steps, num_images=FLAGS.num_images, progress=FLAGS.progress)
+    if m is None:
+        print(f"stopped on request; training resumes from the saved checkpoint when the same command runs again "
+              f"(workdir {FLAGS.workdir})")
+        return
     dv, base = m["dreamvideo"], m["base_t2v_first_frame_replacement"]
     print(f"DreamVideo: direction accuracy {dv['direction_accuracy']:.3f}, FFF_SSIM {dv['fff_ssim']:.3f}, "
           f"identity {dv['identity_retention']:.3f}")

@@ -76,3 +76,22 @@ def test_readme_demo_commands_shortened(tmp_path):
     assert gif.shape[:3] == (16, 32, 32)  # two stages of 8 frames
     assert json.loads((sb.work / "out.json").read_text())["prompts"] == ["a red circle moves left",
                                                                          "a red circle moves up"]
+
+
+def test_a_stage_stopped_on_request_samples_nothing(tmp_path, monkeypatch):
+    """SIGTERM / Ctrl-C during training saves a checkpoint and stops the loop; the demo then stops too, instead of
+    sampling from a half-trained model and writing metrics as if it were done."""
+    import types
+
+    from dreamvideo_jax.training import loop
+
+    calls = []
+
+    def stopped(cfg, workdir):
+        calls.append(workdir)
+        return types.SimpleNamespace(step=3, source="scratch", preempted=True)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", stopped)
+    assert demo.run(str(tmp_path / "demo"), stage1_steps=10, stage2_steps=10) is None
+    assert calls == [str(tmp_path / "demo" / demo.STAGE1)]  # stage 2 never starts
+    assert not (tmp_path / "demo" / "metrics.json").exists()
