@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from dreamvideo_jax import config_io
 from dreamvideo_jax import lora as lora_lib
@@ -42,13 +41,12 @@ from dreamvideo_jax.errors import CheckpointError
 from dreamvideo_jax.models import build as model_build
 from dreamvideo_jax.models.retention import init_retention_from_unet
 from dreamvideo_jax.parallel import sharding
+from dreamvideo_jax.tree_paths import SEP, flatten, unflatten  # noqa: F401 (re-exported: the layout's paths)
 
 MODES = ("dreamvideo", "t2v")
 TEXT_ENCODER, VAE = "text_encoder", "vae"
 ENCODER_GROUPS = (TEXT_ENCODER, VAE)
 BRANCH_GROUPS = ("retention", "image_conv")  # what DreamVideo adds to the base's 'unet'
-SEP = "/"
-
 # Default trainable parameters per mode (regexes over '/'-joined parameter paths of the model groups).
 DEFAULT_TRAINABLE = {
     # DreamVideo: the primary U-Net's temporal layers, the whole retention branch and the image conv block.
@@ -70,14 +68,6 @@ BOS_ID, EOS_ID = 49406, 49407
 
 # ----------------------------------------------------------------------------------------------------------------
 # Paths, trainable patterns, architecture
-
-
-def flatten(tree: dict) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep=SEP) if tree else {}
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    return traverse_util.unflatten_dict(flat, sep=SEP) if flat else {}
 
 
 def config_mode(config) -> str:

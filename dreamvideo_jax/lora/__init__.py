@@ -44,11 +44,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from dreamvideo_jax.errors import CheckpointError, InputError
+from dreamvideo_jax.tree_paths import SEP, flatten as _flatten, unflatten as _unflatten
 
-SEP = "/"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
@@ -128,14 +127,6 @@ def pattern(target: str) -> re.Pattern:
     except re.error as e:
         raise ValueError(f"train.lora.targets: {target!r} is neither a preset ({', '.join(PRESETS)}) nor a valid "
                          f"regex ({e})") from None
-
-
-def _flatten(tree: dict) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep=SEP) if tree else {}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    return traverse_util.unflatten_dict(flat, sep=SEP) if flat else {}
 
 
 def is_adaptable(path: str, shape: tuple) -> bool:
@@ -349,14 +340,13 @@ def save(directory: str, tree: dict, spec: Spec, kernel_shapes: dict[str, Sequen
 
 
 def parse_arg(value: str) -> tuple[str, float]:
-    """`PATH[:scale]` -> (PATH, scale); scale defaults to 1."""
-    path, sep, tail = value.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return value, 1.0
+    """`PATH[:scale]` -> (PATH, scale); scale defaults to 1. A tail after the last ':' that is not a number is part
+    of the path (`gs://bucket/adapter` has no scale)."""
+    path, _, tail = value.rpartition(":")
+    try:
+        return (path, float(tail)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def _files(path: str, flag: str) -> tuple[str, str]:
