@@ -55,6 +55,7 @@ def get_config(arg=None):
     r.image_channels = 3  # channels of the reference image
     r.conditioning_scale = 1.0  # scale of the branch's residuals into the U-Net (sampling-time knob)
     r.reference_skip = False  # x0 prediction += learnt zero-init gate * reference latent (needs 'latent' and x0)
+    r.last_frame = False  # also take the video's last frame (first+last frame, loops); adds zero-init last_image_conv
 
     # Text encoder: CLIP text tower (OpenCLIP ViT-H/14's for ModelScope), frozen.
     m.text = t = ml_collections.ConfigDict()
@@ -123,6 +124,12 @@ def get_config(arg=None):
     tr.timestep_high_fraction = 0.0  # share of samples drawing t from [timestep_high_start, T); 0 = uniform (the paper)
     tr.timestep_high_start = 900  # lower end of that range
     tr.condition_dropout = 0.05  # p of each case: text only / both / image only dropped (t2v: text dropped w.p. 2p)
+    # Keyframes each training clip is conditioned on, as relative weights (needs model.retention.last_frame for
+    # first_last > 0): 'first' = the reference image alone, 'first_last' = also the clip's last frame. One model
+    # then serves both (and loops, with the reference as the last frame); 'none' is condition_dropout's.
+    tr.condition_modes = ml_collections.ConfigDict()
+    tr.condition_modes.first = 1.0
+    tr.condition_modes.first_last = 0.0
     tr.vae_sample = True  # encode frames by sampling the VAE posterior (False: its mean)
     tr.timestep_buckets = 10  # the loss is also logged per timestep bucket
     tr.nonfinite = "stop"  # non-finite loss or gradients: 'stop' (error naming the step) | 'skip' (drop the update)
@@ -228,7 +235,8 @@ def get_config(arg=None):
     s.steps_offset = 1  # added to every sampling timestep (ModelScope: 1)
     s.set_alpha_to_one = False  # last step to abar = 1 (True) or to abar_0 (False, ModelScope)
     s.loop = "python"  # 'python' (a loop over one compiled step, progress bar) | 'scan' (one lax.scan)
-    s.first_frame_replacement = False  # replace frame 0 of the latents by the noised reference latent every step
+    s.first_frame_replacement = False  # pin frame 0 (and a given last frame) to the noised keyframe latent per step
+    s.seamless_loop = False  # a loop: the last frame is the reference image (needs retention.last_frame or replacement)
     s.negative_prompt = ""  # text of the unconditional / image-only branches ('' = unconditional)
     s.decode_chunk_size = 8  # frames per sample decoded at once by the VAE (0 = all); lower to save memory
     s.fps = 8.0  # frame rate of written videos (ModelScope-T2V: 8)

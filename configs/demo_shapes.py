@@ -68,7 +68,11 @@ def get_config(arg=None):
         # The paper's DreamVideo set (the primary's temporal layers, the branch, image_conv), plus the primary's
         # cross-attention (a minutes-old base does not follow text yet) and the reference skip's gate.
         tr.trainable = (r"^unet/.*(temp_convs|temp_attentions|transformer_in)", r"^retention/", r"^image_conv/",
-                        r"^unet/.*attn2", r"^reference_skip/")
+                        r"^unet/.*attn2", r"^reference_skip/", r"^last_image_conv/")
+        # First+last-frame conditioning for 30% of the clips (the rest: first frame only), so the one model also
+        # makes videos that end on a given frame, and loops.
+        m.retention.last_frame = True
+        tr.condition_modes.first, tr.condition_modes.first_last = 0.7, 0.3
     tr.checkpoint_every = 500  # a save costs ~7 s of step time; an interruption loses at most ~4 min
     tr.keep_checkpoints = 1
     tr.log_every = 50

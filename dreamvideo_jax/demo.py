@@ -86,6 +86,7 @@ def held_out_examples(config, num_images: int) -> dict:
     cfg = config.data
     it = make_eval_iterator(cfg, batch_size=64, split="test", with_captions=True, with_metadata=True)
     images, shapes, colours, seen = [], [], [], set()
+    last_frames, clip_captions = [], []
     spare = []
     for batch in it:
         for i in np.flatnonzero(batch["mask"]):
@@ -93,6 +94,8 @@ def held_out_examples(config, num_images: int) -> dict:
             image = np.round((batch["image"][i] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
             (spare if key in seen else images).append(image)
             if key not in seen:
+                last_frames.append(np.round((batch["video"][i, -1] + 1.0) * 127.5).clip(0, 255).astype(np.uint8))
+                clip_captions.append(_text(batch["caption"][i]))
                 shapes.append(key[0])
                 colours.append(key[1])
                 seen.add(key)
@@ -102,7 +105,8 @@ def held_out_examples(config, num_images: int) -> dict:
             break
     if hasattr(it, "close"):
         it.close()
-    return {"images": np.stack(images), "shapes": shapes, "colours": colours}
+    return {"images": np.stack(images), "shapes": shapes, "colours": colours,
+            "last_frames": np.stack(last_frames), "captions": clip_captions}
 
 
 def _text(x) -> str:
@@ -126,7 +130,7 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
 
     from dreamvideo_jax.data.moving_shapes import MOTIONS, caption_for
     from dreamvideo_jax.evaluation.shapes import displacement
-    from dreamvideo_jax.sampling import outputs
+    from dreamvideo_jax.sampling import drift, outputs
     from dreamvideo_jax import checkpoints
     from dreamvideo_jax.sampling.pipeline import Sampler
     from dreamvideo_jax.training.loop import train_and_evaluate
@@ -208,6 +212,26 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     metrics["motion_strength_spearman"] = round(rho, 4) if np.isfinite(rho) else None  # None: undefined
     outputs.write_gif(os.path.join(out, "motion_strength_sweep.gif"),
                       np.concatenate([strength_videos[v][MOTIONS.index("right")] for v in MOTION_STRENGTHS], axis=2))
+    # Keyframes: each held-out image with its own clip's caption and last frame (first+last-frame videos), and
+    # as seamless loops (the last frame = the image); scored against the given last frame and by the loop seam.
+    n_key = min(n, 4)
+    first_last = dv.generate(images[:n_key], held["captions"][:n_key], last_images=list(held["last_frames"][:n_key]),
+                             progress=progress, **kw)
+    loops = dv.generate(images[:n_key], held["captions"][:n_key], seamless_loop=True, progress=progress, **kw)
+    plain = dv.generate(images[:n_key], held["captions"][:n_key], progress=progress, **kw)
+    loop_seam = lambda videos: [drift.seam_scores(v, [])[1] for v in videos]  # noqa: E731
+    metrics["first_last"] = {
+        "last_frame_ssim": _mean([drift.last_frame_ssim(v, t) for v, t in zip(first_last, held["last_frames"])]),
+        "last_frame_ssim_without_last_image": _mean([drift.last_frame_ssim(v, t) for v, t in
+                                                     zip(plain, held["last_frames"])]),
+        **_metrics(first_last, held["captions"][:n_key], images[:n_key])}
+    metrics["loop"] = {"loop_seam": _mean(loop_seam(loops)), "loop_seam_without_loop": _mean(loop_seam(plain)),
+                       "last_frame_ssim_to_image": _mean([drift.last_frame_ssim(v, im) for v, im in
+                                                          zip(loops, images)])}
+    metrics["last_frame_ssim"] = metrics["first_last"]["last_frame_ssim"]
+    metrics["loop_seam"] = metrics["loop"]["loop_seam"]
+    outputs.write_gif(os.path.join(out, "first_last_and_loop.gif"),
+                      np.concatenate([first_last[0], loops[0], plain[0]], axis=2))
     metrics["two_stage"] = {"prompts": plots, "drift": _jsonable(chain.drift),
                             "reference_is_last_frame": bool(np.array_equal(chain.references[0, 1],
                                                                            chain.stages[0][0, -1]))}
@@ -226,10 +250,14 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
         rows.append(row(v, images[0]))
     for value in MOTION_STRENGTHS:
         rows.append(row(strength_videos[value][MOTIONS.index("right")], images[0]))
+    rows.append(np.concatenate([row(first_last[0], images[0]), held["last_frames"][:1]]))
+    rows.append(row(loops[0], images[0]))
     labels = ([f"DreamVideo: {captions[j]}" for j in range(len(MOTIONS))]
               + [f"base, first-frame replacement: {captions[len(MOTIONS) - 1]}", "two-stage: " + " | ".join(plots)]
               + [f"image guidance {s}: {sweep_caption}" for s in sweep_scales]
-              + [f"motion strength {v}: {captions[MOTIONS.index('right')]}" for v in MOTION_STRENGTHS])
+              + [f"motion strength {v}: {captions[MOTIONS.index('right')]}" for v in MOTION_STRENGTHS]
+              + [f"first+last frame (given last frame at the end): {held['captions'][0]}",
+                 f"seamless loop: {held['captions'][0]}"])
     outputs.write_contact_sheet(os.path.join(workdir, "contact_sheet.png"), rows, labels=labels)
     timings["sampling_seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -244,6 +272,11 @@ def run(workdir: str, config_path: str = "configs/demo_shapes.py", *, stage1_ste
     }
     outputs.write_json(os.path.join(workdir, "metrics.json"), metrics)
     return metrics
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values if np.isfinite(v)]
+    return round(float(np.mean(values)), 4) if values else None
 
 
 def _jsonable(x):

@@ -52,10 +52,14 @@ flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw trained we
 flags.DEFINE_bool("random_init", False, "Random weights (a smoke test of the pipeline; needs --config).")
 flags.DEFINE_string("mode", "auto", "auto | dreamvideo | t2v (t2v on DreamVideo weights: the primary U-Net alone).")
 flags.DEFINE_string("image", None, "Reference image: any format Pillow reads, any size (resized, centre-cropped).")
+flags.DEFINE_string("last_image", None, "The video's last frame (first+last-frame video): an image file of the "
+                    "reference image's size. Needs a model trained with model.retention.last_frame, or "
+                    "--config.sample.first_frame_replacement=true (pins both frames). A loop: "
+                    "--config.sample.seamless_loop=true.")
 flags.DEFINE_string("prompt", "", "Text prompt; empty = text-unconditional.")
 flags.DEFINE_string("prompt2", None, "Prompt of a second stage that starts from the first stage's last frame.")
 flags.DEFINE_string("prompts_file", None, "A batch: one prompt per line, or JSON objects {prompt|prompts, image, "
-                    "seed, image_guidance, text_guidance}; outputs are numbered.")
+                    "last_image, seed, image_guidance, text_guidance}; outputs are numbered.")
 flags.DEFINE_string("output", None, "Output video: .mp4, .gif or .npz.")
 flags.DEFINE_string("save_latents", None, "Also write the latents to this .npz as soon as they are sampled.")
 flags.DEFINE_integer("batch_size", 0, "Samples per batch with --prompts_file (0 = the number of devices).")
@@ -65,7 +69,7 @@ flags.DEFINE_multi_string("lora", [], "LoRA adapter folder (e.g. WORKDIR/adapter
 flags.DEFINE_bool("lora_merge", True, "Merge the adapters into the weights at load (--nolora_merge: add them "
                   "inside every denoising step, leaving the weights untouched).")
 
-IO_FLAGS = ("workdir", "checkpoint", "step", "ema", "random_init", "mode", "image", "prompt", "prompt2",
+IO_FLAGS = ("workdir", "checkpoint", "step", "ema", "random_init", "mode", "image", "last_image", "prompt", "prompt2",
             "prompts_file", "output", "save_latents", "batch_size", "progress", "lora", "lora_merge")
 
 

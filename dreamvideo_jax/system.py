@@ -10,7 +10,8 @@ nothing else builds networks:
 
 The parameter layout, the only one in memory (and the base checkpoint format on disk, so loading is a read):
 
-  {'unet': ..., 'retention': ..., 'image_conv': ..., ['reference_skip': ...,] 'text_encoder': ..., 'vae': ...}
+  {'unet': ..., 'retention': ..., 'image_conv': ..., ['reference_skip': ...,] ['last_image_conv': ...,]
+   'text_encoder': ..., 'vae': ...}
 
 * the model groups (`system.model_groups`) are what `DreamVideo.apply` takes -- `('unet',)` alone in mode 't2v'
   (the text-to-video base, also every converted ModelScope snapshot);
@@ -39,7 +40,7 @@ from dreamvideo_jax import lora as lora_lib
 from dreamvideo_jax.diffusion import schedules
 from dreamvideo_jax.errors import CheckpointError
 from dreamvideo_jax.models import build as model_build
-from dreamvideo_jax.models.retention import init_retention_from_unet
+from dreamvideo_jax.models.retention import init_retention_from_unet, stack_keyframes
 from dreamvideo_jax.parallel import sharding
 from dreamvideo_jax.tree_paths import SEP, flatten, unflatten  # noqa: F401 (re-exported: the layout's paths)
 
@@ -47,9 +48,12 @@ MODES = ("dreamvideo", "t2v")
 TEXT_ENCODER, VAE = "text_encoder", "vae"
 ENCODER_GROUPS = (TEXT_ENCODER, VAE)
 BRANCH_GROUPS = ("retention", "image_conv")  # what DreamVideo adds to the base's 'unet'
+LAST_FRAME_GROUP = "last_image_conv"  # model.retention.last_frame's encoder of the last frame (zero-initialised)
+LAST_FRAME_TRAINABLE = r"^last_image_conv/"
 # Default trainable parameters per mode (regexes over '/'-joined parameter paths of the model groups).
 DEFAULT_TRAINABLE = {
     # DreamVideo: the primary U-Net's temporal layers, the whole retention branch and the image conv block.
+    # With model.retention.last_frame also its encoder of the last frame (`LAST_FRAME_TRAINABLE`).
     "dreamvideo": (r"^unet/.*(temp_convs|temp_attentions|transformer_in)", r"^retention/", r"^image_conv/"),
     # Text-to-video base: the whole primary U-Net.
     "t2v": (r"^unet/",),
@@ -78,7 +82,14 @@ def config_mode(config) -> str:
 def trainable_patterns(config) -> tuple[str, ...]:
     train = config.get("train") or {}
     pats = tuple(train.get("trainable") or ())
-    return pats if pats else DEFAULT_TRAINABLE[config_mode(config)]
+    if pats:
+        return pats
+    mode = config_mode(config)
+    model = config.get("model") if hasattr(config, "get") else None
+    retention = (model or {}).get("retention") or {}
+    if mode == "dreamvideo" and retention.get("last_frame", False):
+        return DEFAULT_TRAINABLE[mode] + (LAST_FRAME_TRAINABLE,)
+    return DEFAULT_TRAINABLE[mode]
 
 
 def match_trainable(model_params: dict, patterns: tuple[str, ...]) -> frozenset[str]:
@@ -113,9 +124,11 @@ def architecture(config) -> dict:
         model["retention"] = {k: v for k, v in model["retention"].items() if k != "conditioning_scale"}
         if not model["retention"].get("reference_skip", False):  # off == absent (checkpoints from before the key)
             model["retention"].pop("reference_skip", None)
+        if not model["retention"].get("last_frame", False):
+            model["retention"].pop("last_frame", None)
     train = d.get("train", {})
     mode = train.get("mode", "dreamvideo")
-    pats = list(train.get("trainable") or DEFAULT_TRAINABLE[mode])
+    pats = list(trainable_patterns(d))
     out = {"model": model, "train": {"mode": mode, "trainable": pats}}
     spec = lora_lib.spec_from_config(d)
     if spec is not None:  # adapters replace the trainable set (absent when off: older configs hash the same)
@@ -174,7 +187,10 @@ class System:
         self.pad_id = int(data.get("pad_id", EOS_ID))
         self.factor = model_build.autoencoder_factor(m)
         self.latent_channels = model_build.latent_channels(m)
-        self.image_input = model_build.retention_config(m).image_input
+        retention = model_build.retention_config(m)
+        self.image_input = retention.image_input
+        # First+last-frame conditioning (`model.retention.last_frame`; not in mode 't2v', which has no branch).
+        self.last_frame = retention.last_frame and self.mode == "dreamvideo"
         self.context_length = model_build.text_config(m).context_length
         frozen = m.get("frozen_dtype", "") or ""
         self.frozen_dtype = model_build.dtype_of(frozen) if frozen else None
@@ -275,7 +291,8 @@ class System:
         """Loaded weights restricted to this system's groups, checked against its parameter shapes.
 
         Groups the system does not use (a DreamVideo checkpoint's branch when sampling its base in mode 't2v')
-        are dropped; an empty 'vae' may be absent.
+        are dropped; an empty 'vae' may be absent. Weights of a first-frame-only model given to a system with
+        `model.retention.last_frame` get a new zero-initialised 'last_image_conv': they sample exactly as before.
 
         Raises:
             CheckpointError: naming `what` and the first missing or mis-shaped parameters.
@@ -286,6 +303,8 @@ class System:
                 out[k] = params[k]
             elif not jax.tree.leaves(self.abstract[k]):
                 out[k] = {}
+            elif k == LAST_FRAME_GROUP and "image_conv" in params:
+                out[k] = self.new_last_image_conv()
             elif k in BRANCH_GROUPS and "unet" in params:
                 raise CheckpointError(f"{what} is a text-to-video model (no image-retention branch '{k}'); "
                                       "sample it in mode 't2v'")
@@ -344,6 +363,10 @@ class System:
 
         return {k: jax.tree_util.tree_map_with_path(leaf, v) for k, v in self.abstract.items()}
 
+    def new_last_image_conv(self, seed: int = 0) -> dict:
+        """A freshly initialised 'last_image_conv' group (its output conv is zero: it adds nothing yet)."""
+        return jax.device_get(model_build.init_last_image_conv(self.config.model, jax.random.key(seed)))
+
     @staticmethod
     def copy_retention_from_unet(params: dict) -> dict:
         """The layout with the retention branch re-initialised from the primary U-Net's encoder."""
@@ -358,6 +381,16 @@ class System:
         if self.mode == "t2v":
             return self.model.apply(variables, x_t, timesteps, context, train=train, rngs=rngs, method="unet_only")
         return self.model.apply(variables, x_t, timesteps, context, image, train=train, rngs=rngs)
+
+    def model_image(self, reference, last=None, given=None):
+        """The model's image input from the reference image (pixels or latent, per `image_input`) and optionally
+        the last frame's, with `given` `(B,)` saying which samples have one: `reference` itself, or with
+        `model.retention.last_frame` the stack `[reference, last, given]` (`retention.stack_keyframes`)."""
+        if not self.last_frame:
+            if last is not None:
+                raise ValueError("this model has no last-frame input (model.retention.last_frame is False)")
+            return reference
+        return stack_keyframes(reference, last, given)
 
     def encode_text(self, params: dict, ids):
         """Token ids `(B, L)` -> text embeddings `(B, L, D)`."""

@@ -59,6 +59,10 @@ def test_readme_demo_commands_shortened(tmp_path):
     assert all(-1.0 <= r["fff_ssim"] <= 1.0 and 0 <= r["tracked"] <= 9 for r in m["motion_strength"].values())
     assert m["motion_strength_spearman"] is None or -1.0 <= m["motion_strength_spearman"] <= 1.0
     assert (workdir / "videos" / "motion_strength_sweep.gif").exists()
+    assert (workdir / "videos" / "first_last_and_loop.gif").exists()
+    for key in ("last_frame_ssim", "loop_seam"):  # the keyframe scores (None only when no frame is measurable)
+        assert m[key] is None or isinstance(m[key], float), key
+    assert m["first_last"]["num_videos"] == 1 and "loop_seam_without_loop" in m["loop"]
     assert m["timings"]["stage1_t2v_source"] == "scratch" and m["timings"]["stage2_dreamvideo_source"] == "init_from"
 
     sb.run(command, flags, env=env, timeout=1800)

@@ -86,6 +86,12 @@ def condition_dropout(
     return text_out, image_out, DropoutMasks(text_dropped, image_dropped)
 
 
+def sample_last_frame_given(key: jax.Array, batch: int, p: float | jax.Array) -> jax.Array:
+    """Which samples are conditioned on their last frame too (first+last-frame mode), bool ``(B,)``: each
+    independently with probability ``p`` (``train.condition_modes``)."""
+    return jax.random.uniform(key, (batch,), dtype=jnp.float32) < jnp.asarray(p, jnp.float32)
+
+
 class DiffusionLoss(NamedTuple):
     """Output of :func:`diffusion_loss`.
 

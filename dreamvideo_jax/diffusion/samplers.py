@@ -435,13 +435,21 @@ class Knobs(NamedTuple):
 
 
 class Reference(NamedTuple):
-    """First-frame replacement (image-to-video with a text-to-video model, or pinning frame 0 exactly): before
+    """Keyframe replacement (image-to-video with a text-to-video model, or pinning keyframes exactly): before
     every step frame 0 of the samples with ``mask`` is replaced by ``latent`` noised to the current level with the
-    fixed ``noise``, and after the last step by the clean ``latent``."""
+    fixed ``noise``, and after the last step by the clean ``latent``; the same for the last frame with the
+    ``last_*`` fields (first+last-frame videos and loops), where given."""
 
     latent: jax.Array  # (B, h, w, C) clean reference latent
     noise: jax.Array  # (B, h, w, C) fixed noise
     mask: jax.Array  # (B,) bool: replace frame 0 of this sample
+    last_latent: jax.Array | None = None  # (B, h, w, C) clean last-frame latent
+    last_noise: jax.Array | None = None  # (B, h, w, C) its fixed noise
+    last_mask: jax.Array | None = None  # (B,) bool: replace the last frame of this sample
+
+
+def _pin(x, frame: int, mask, value):
+    return x.at[:, frame].set(jnp.where(mask[:, None, None, None], value, x[:, frame]))
 
 
 def _as_model_pytree(model_fn: Any) -> jax.tree_util.Partial:
@@ -463,9 +471,11 @@ def _step_impl(
 ) -> SamplerState:
     index, t, t_prev, t_last, second = row[0], row[1], row[2], row[3], row[4] != 0
     x = state.x
-    if ref is not None:  # frame 0 := the reference latent noised to the current level
-        noised = add_noise(schedule, ref.latent, ref.noise, jnp.broadcast_to(t, (x.shape[0],)))
-        x = x.at[:, 0].set(jnp.where(ref.mask[:, None, None, None], noised, x[:, 0]))
+    if ref is not None:  # frame 0 (and the last) := the keyframe latent noised to the current level
+        tb = jnp.broadcast_to(t, (x.shape[0],))
+        x = _pin(x, 0, ref.mask, add_noise(schedule, ref.latent, ref.noise, tb))
+        if ref.last_mask is not None:
+            x = _pin(x, -1, ref.last_mask, add_noise(schedule, ref.last_latent, ref.last_noise, tb))
     x3, t3, text3, image3 = guidance_inputs(x, t, cond.text_emb, cond.null_text_emb, cond.image)
     out = model_fn(x3, t3, text3, image3).astype(jnp.float32)
     guided = double_guidance(*split_guidance_output(out), knobs.image_scale, knobs.text_scale)
@@ -481,9 +491,10 @@ def _step_impl(
         )  # fmt: skip
     else:
         raise ValueError(f"Unknown sampler {sampler!r}; expected 'ddim' or 'dpmpp_2m'.")
-    if ref is not None:  # after the last step frame 0 is the clean reference latent
-        final = (t_prev < 0) & ref.mask
-        x_new = x_new.at[:, 0].set(jnp.where(final[:, None, None, None], ref.latent, x_new[:, 0]))
+    if ref is not None:  # after the last step the keyframes are the clean latents
+        x_new = _pin(x_new, 0, (t_prev < 0) & ref.mask, ref.latent)
+        if ref.last_mask is not None:
+            x_new = _pin(x_new, -1, (t_prev < 0) & ref.last_mask, ref.last_latent)
     return SamplerState(x_new, x0)
 
 
@@ -492,7 +503,7 @@ _STATIC = ("sampler", "prediction_type", "set_alpha_to_one")
 guided_step = jax.jit(_step_impl, static_argnames=_STATIC)
 """One guided denoising step, jitted: ``guided_step(model_fn, schedule, state, row, cond, knobs, ref=None, *,
 sampler, prediction_type, set_alpha_to_one) -> SamplerState``. ``row`` is one row of :meth:`StepPlan.rows`;
-``ref`` an optional :class:`Reference` (first-frame replacement).
+``ref`` an optional :class:`Reference` (keyframe replacement).
 Compiles once per input shapes/dtypes, ``model_fn`` pytree structure and static options;
 ``guided_step._cache_size()`` counts compilations."""
 

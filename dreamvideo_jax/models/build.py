@@ -11,12 +11,13 @@ import dataclasses
 from typing import Any, Union
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
 from dreamvideo_jax.models import attention as attention_lib
 from dreamvideo_jax.models.dreamvideo import DreamVideo
-from dreamvideo_jax.models.retention import RetentionConfig, init_retention_from_unet
+from dreamvideo_jax.models.retention import ImageConv, RetentionConfig, init_retention_from_unet, split_keyframes
 from dreamvideo_jax.models.text_encoder import CLIPTextEncoder, TextConfig
 from dreamvideo_jax.models.unet3d import UNet3D, UNetConfig
 from dreamvideo_jax.models.vae import AutoencoderKL, PatchAutoencoder, PatchConfig, VAEConfig
@@ -145,12 +146,25 @@ def dummy_inputs(m, batch: int = 1, frames: int = 2, height: int | None = None, 
     h, w = latent_size(m, height, width)
     r = retention_config(m)
     image_shape = (batch, height, width, r.image_channels) if r.image_input == "pixels" else (batch, h, w, latent_channels(m))
+    if r.last_frame:  # [reference, last frame, given] (retention.stack_keyframes)
+        image_shape = image_shape[:-1] + (2 * image_shape[-1] + 1,)
     return dict(
         latents=jnp.zeros((batch, frames, h, w, latent_channels(m)), jnp.float32),
         timesteps=jnp.zeros((batch,), jnp.int32),
         context=jnp.zeros((batch, text_config(m).context_length, unet_config(m).cross_attention_dim), jnp.float32),
         image=jnp.zeros(image_shape, jnp.float32),
     )
+
+
+def init_last_image_conv(m, key: jax.Array) -> dict:
+    """Init of `retention.last_frame`'s 'last_image_conv' alone (the same layers as 'image_conv'; zero output conv),
+    unboxed; for weights of a first-frame-only model."""
+    r = retention_config(m)
+    reference, _, _ = split_keyframes(dummy_inputs(m)["image"])
+    module = ImageConv(r, unet_config(m).block_out_channels[0], dtype=dtype_of(m.dtype),
+                       param_dtype=dtype_of(m.param_dtype))
+    return jax.tree.map(lambda x: x.unbox() if isinstance(x, nn.Partitioned) else x,
+                        module.init(key, reference)["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def init_dreamvideo(m, key: jax.Array, *, copy_encoder: bool = True) -> dict:

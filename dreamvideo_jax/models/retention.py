@@ -42,6 +42,7 @@ class RetentionConfig:
     image_channels: int = 3
     conditioning_scale: float = 1.0
     reference_skip: bool = False
+    last_frame: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "image_conv_channels", tuple(self.image_conv_channels))
@@ -56,6 +57,31 @@ class RetentionConfig:
     @property
     def image_downsample_factor(self) -> int:
         return 2 ** (len(self.image_conv_channels) - 1) if self.image_input == "pixels" else 1
+
+
+def stack_keyframes(reference, last=None, given=None):
+    """The model's image input with `RetentionConfig.last_frame`: `[reference, last, given]` on the channel axis.
+
+    reference, last: `(B, H, W, C)` (pixels in [-1, 1], or latents); `last=None` = no sample has one.
+    given: `(B,)` bool/float, whether sample b's last frame is given (default: all, when `last` is given); the
+    last-frame channels of a sample without one are zeroed here, so nothing leaks from them.
+    """
+    b = reference.shape[0]
+    if last is None:
+        last, given = jnp.zeros_like(reference), jnp.zeros((b,), reference.dtype)
+    elif given is None:
+        given = jnp.ones((b,), reference.dtype)
+    given = jnp.asarray(given).astype(reference.dtype).reshape((b, 1, 1, 1))
+    plane = jnp.broadcast_to(given, reference.shape[:-1] + (1,))
+    return jnp.concatenate([reference, last.astype(reference.dtype) * given, plane], axis=-1)
+
+
+def split_keyframes(image):
+    """The inverse of `stack_keyframes`: `(reference, last, given (B,))`."""
+    c = (image.shape[-1] - 1) // 2
+    if image.shape[-1] != 2 * c + 1:
+        raise ValueError(f"a first+last-frame image input has 2 C + 1 channels; got shape {tuple(image.shape)}")
+    return image[..., :c], image[..., c:2 * c], image[:, 0, 0, 2 * c]
 
 
 class ImageConv(nn.Module):
@@ -87,7 +113,9 @@ class ImageConv(nn.Module):
 
 
 class ImageRetention(nn.Module):
-    """The retention branch: returns (down residuals, mid residual) in video layout `(B, F, h, w, c)`."""
+    """The retention branch: returns (down residuals, mid residual) in video layout `(B, F, h, w, c)`.
+
+    `image_features` are `(B, h, w, c)` (the same on every frame) or `(B, F, h, w, c)` (per frame)."""
 
     config: UNetConfig
     conditioning_scale: float = 1.0

@@ -240,7 +240,8 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
       sample: `(B, F, H, W, C_in)` latents.
       timesteps: `(B,)` or scalar.
       context: `(B, L, D)` text embeddings.
-      extra_input: optional `(B, H, W, C0)` features added after conv_in to every frame (retention branch).
+      extra_input: optional features added after conv_in (retention branch): `(B, H, W, C0)` to every frame, or
+        `(B, F, H, W, C0)` per frame.
 
     Returns:
       (h, skips, temb, context): mid output and skip tensors as `(B*F, h, w, c)`, the per-frame time
@@ -262,7 +263,8 @@ def encoder_forward(cfg: UNetConfig, rt: Runtime, sample, timesteps, context, ex
 
     x = L.conv(c0, (3, 3), "conv_in", **rt.kw)(_frames_as_batch(sample.astype(rt.dtype)))
     if extra_input is not None:
-        x = x + jnp.repeat(extra_input.astype(rt.dtype), f, axis=0)
+        extra = extra_input.astype(rt.dtype)
+        x = x + (extra.reshape((b * f,) + extra.shape[2:]) if extra.ndim == 5 else jnp.repeat(extra, f, axis=0))
     x = L.constrain_frames(x)
     x = L.TransformerTemporal(cfg.transformer_in_heads, cfg.attention_head_dim, cfg.norm_num_groups, f,
                               name="transformer_in", remat_policy=rt.policy, attention=rt.attention, **rt.kw)(x)

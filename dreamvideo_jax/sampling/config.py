@@ -43,6 +43,11 @@ def defaults() -> ml_collections.ConfigDict:
         # Image-to-video with a text-to-video model: replace frame 0 of the latents by the (noised) reference
         # latent at every step. Also usable with DreamVideo models (pins frame 0 to the reference exactly).
         first_frame_replacement=False,
+        # A loop: the video's last frame is the reference image itself (a model trained with
+        # model.retention.last_frame, or first_frame_replacement, which then pins the last frame too). The sample
+        # command's --last_image gives another last frame instead (first+last-frame video). In a chain the last
+        # stage ends on the first stage's reference. (Not `loop`, which picks the denoising loop's form.)
+        seamless_loop=False,
         negative_prompt="",  # text of the unconditional / image-only branches ('' = unconditional)
         decode_chunk_size=8,  # frames per sample decoded at once by the VAE (0 = all); lower to save memory
         fps=8.0,  # frame rate of written videos (ModelScope-T2V: 8)

@@ -125,6 +125,12 @@ def chain_drift(input_images: np.ndarray, references: np.ndarray, stages: Sequen
     return out
 
 
+def last_frame_ssim(video: np.ndarray, image: np.ndarray) -> float:
+    """SSIM of one video's last frame ``(F, H, W, 3)`` vs the last frame it was given (or, in a loop, its
+    reference image): how closely a first+last-frame video lands on its target."""
+    return _ssim(np.asarray(video)[-1], np.asarray(image))
+
+
 def format_drift(drift: dict, sample: int = 0) -> str:
     """A small table of one sample's drift, one line per stage (the seam is the step into that stage; `!` marks
     a visible jump), then the loop seam."""

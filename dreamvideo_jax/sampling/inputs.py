@@ -319,7 +319,7 @@ def read_prompts_file(path: str) -> list[dict]:
             d = json.loads(s)
         except json.JSONDecodeError as e:
             raise InputError(name, path, f"line {n}: invalid JSON ({e.msg})") from None
-        allowed = {"prompt", "prompts", "image", "seed", "image_guidance", "text_guidance"}
+        allowed = {"prompt", "prompts", "image", "last_image", "seed", "image_guidance", "text_guidance"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise InputError(name, path, f"line {n}: unknown keys {unknown}; allowed: {sorted(allowed)}")
@@ -329,8 +329,11 @@ def read_prompts_file(path: str) -> list[dict]:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError(name, path, f"line {n}: prompts must be a non-empty list of strings")
         req = {"prompts": prompts}
-        if "image" in d:
-            req["image"] = d["image"] if os.path.isabs(d["image"]) else os.path.join(base, d["image"])
+        for k in ("image", "last_image"):
+            if k in d:
+                if not isinstance(d[k], str) or not d[k]:
+                    raise InputError(name, path, f"line {n}: {k} must be a file path")
+                req[k] = d[k] if os.path.isabs(d[k]) else os.path.join(base, d[k])
         for k in ("seed", "image_guidance", "text_guidance"):
             if k in d:
                 req[k] = d[k]

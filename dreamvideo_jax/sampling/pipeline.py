@@ -72,6 +72,7 @@ from dreamvideo_jax.system import System
 log = logging.getLogger(__name__)
 
 _REPLACEMENT_NOISE_SALT = 0x7FFFFFFE  # != the initial-noise salt and != any step index
+_LAST_REPLACEMENT_NOISE_SALT = 0x7FFFFFFD  # the same for the last frame
 
 
 @dataclasses.dataclass
@@ -146,6 +147,8 @@ class _Request:
     replace: bool
     negative_prompt: str
     motion_strength: float = 1.0
+    last_images: np.ndarray | None = None  # uint8 (P, H, W, 3): the last frames (zeros where not given)
+    last_given: np.ndarray | None = None  # bool (P,)
 
 
 def _batch_size(images: Any, prompts: list, *per_sample: Any) -> int:
@@ -229,10 +232,12 @@ def encode_text(system: System, text_params, ids, *, out_sharding=None):
 
 
 @functools.partial(jax.jit, static_argnames=("system", "shape", "need_latent", "from_still", "out_sharding"))
-def prepare(system: System, vae_params, seeds, stage, images_u8, start_scales=None, *, shape, need_latent,
-            from_still=False, out_sharding=None):
+def prepare(system: System, vae_params, seeds, stage, images_u8, start_scales=None, last_u8=None, last_given=None,
+            *, shape, need_latent, from_still=False, out_sharding=None):
     """Initial noise, per-sample keys, the model's image input, the reference latent and the replacement noise
-    of a batch: sample b uses ``fold_in(key(seeds[b]), stage)`` for everything.
+    of a batch, and the last frame's latent and replacement noise: sample b uses ``fold_in(key(seeds[b]), stage)``
+    for everything. ``last_u8`` / ``last_given`` ``(B,)``: the last frames of the samples that have one
+    (first+last-frame videos and loops; ``None``: no sample has one).
 
     With ``from_still`` the start is the still video (the reference latent in every frame) noised to the first
     step's level, ``start_scales = (sqrt(abar), sqrt(1 - abar))``, with the same noise (``sample.motion_strength``).
@@ -247,16 +252,26 @@ def prepare(system: System, vae_params, seeds, stage, images_u8, start_scales=No
         latent = jnp.zeros((b, h, w, c), jnp.float32)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _REPLACEMENT_NOISE_SALT), (h, w, c),
                                                  jnp.float32))(keys)
+    last_images = None if last_u8 is None else last_u8.astype(jnp.float32) / 127.5 - 1.0
+    if last_images is not None and need_latent:
+        last_latent = system.image_latent({"vae": vae_params}, last_images).astype(jnp.float32)
+    else:
+        last_latent = jnp.zeros((b, h, w, c), jnp.float32)
+    last_noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, _LAST_REPLACEMENT_NOISE_SALT), (h, w, c),
+                                                      jnp.float32))(keys)
     if from_still:
         alpha, sigma = start_scales[0], start_scales[1]
         x_t = alpha * jnp.broadcast_to(latent[:, None], shape) + sigma * x_t
     if system.mode == "t2v":
         model_image = jnp.zeros((b, 1), jnp.float32)
-    elif system.image_input == "latent":
-        model_image = latent
     else:
-        model_image = images
-    out = (x_t, model_image, latent, noise)
+        latent_input = system.image_input == "latent"
+        last_input = None  # a model without a last-frame input only pins it (replacement)
+        if last_images is not None and system.last_frame:
+            last_input = last_latent if latent_input else last_images
+        model_image = system.model_image(latent if latent_input else images, last_input,
+                                         None if last_input is None else last_given)
+    out = (x_t, model_image, latent, noise, last_latent, last_noise)
     if out_sharding is not None:
         out = tuple(jax.lax.with_sharding_constraint(a, out_sharding) for a in out)
     return out + (keys,)
@@ -355,8 +370,8 @@ class Sampler:
                 text-to-video model without first-frame replacement.
             prompts: one prompt or ``B`` prompts; ``""`` = text-unconditional.
             **kwargs: ``num_frames, height, width, image_guidance, text_guidance, steps, sampler, seed, eta,
-                first_frame_replacement, negative_prompt, motion_strength, progress`` -- see
-                :meth:`sample_latents`.
+                first_frame_replacement, negative_prompt, motion_strength, last_images, seamless_loop,
+                progress`` -- see :meth:`sample_latents`.
         """
         latents = self.sample_latents(images, prompts, **kwargs)
         return self.decode(latents)
@@ -368,6 +383,7 @@ class Sampler:
                        sampler: str | None = None, seed: int | Sequence[int] | None = None,
                        eta: float | None = None, first_frame_replacement: bool | None = None,
                        negative_prompt: str | None = None, motion_strength: float | None = None,
+                       last_images: Any = None, seamless_loop: bool | None = None,
                        progress: bool = False, stage: int = 0) -> np.ndarray:
         """Denoised latents ``(B, F, h, w, C)`` float32, before decoding (save them: decoding is the memory peak).
 
@@ -376,12 +392,15 @@ class Sampler:
         the whole batch), so guidance pushes away from it.
         ``motion_strength`` in [0, 1] (default 1, full motion) starts from the noised still video and runs only
         the last part of the steps (see `sampling.config`).
+        ``last_images``: the video's last frame(s), as ``images`` (a list may hold ``None`` for samples without
+        one); ``seamless_loop``: the last frame is the reference image itself (a loop). Both need a model with
+        ``model.retention.last_frame`` or ``first_frame_replacement`` (which then pins the last frame too).
         ``stage`` selects the random stream of a chain's stage (0 for single clips).
         """
         self.timings = Timings()
         req = self._request(images, prompts, num_frames, height, width, image_guidance, text_guidance, steps,
                             sampler, seed, eta, first_frame_replacement, negative_prompt,
-                            motion_strength=motion_strength)
+                            motion_strength=motion_strength, last_images=last_images, seamless_loop=seamless_loop)
         latents = self._sample(req, stage, progress)
         return np.asarray(jax.device_get(latents))[: req.batch]
 
@@ -407,6 +426,8 @@ class Sampler:
             images: the input image(s), as for :meth:`generate`.
             prompts: one entry per stage; each a prompt for every sample or a list of ``B`` prompts.
             drop_repeated_frame: leave out each later stage's first frame when joining.
+            last_images / seamless_loop (in kwargs): the last frame of the whole video, given to the last stage
+                (``seamless_loop``: the first stage's reference, so the chain closes into a loop).
             on_stage: ``on_stage(stage, latents, video)`` is called with a stage's latents as soon as they are
                 sampled (``video=None``, before the decode), then again with its decoded video.
             **kwargs: as for :meth:`sample_latents` (``seed`` / guidance may be per sample).
@@ -423,12 +444,16 @@ class Sampler:
         timings = Timings()
         refs, stages, latents = [], [], []
         current = images
+        last_images, loop = kwargs.get("last_images"), kwargs.get("seamless_loop")
         seeds = None
         for k, stage_p in enumerate(stage_prompts):
             self.timings = Timings()
             req = self._request(current, stage_p, **{n: kwargs.get(n) for n in (
                 "num_frames", "height", "width", "image_guidance", "text_guidance", "steps", "sampler", "seed",
-                "eta", "first_frame_replacement", "negative_prompt", "motion_strength")}, quiet=k > 0)
+                "eta", "first_frame_replacement", "negative_prompt", "motion_strength")}, quiet=k > 0,
+                last_images=last_images if k == len(stage_prompts) - 1 else None,
+                seamless_loop=loop if k == len(stage_prompts) - 1 else False,
+                loop_images=refs[0] if refs else None)
             if k == 0:
                 seeds = req.seeds[: req.batch]
             refs.append(req.images[: req.batch])
@@ -456,7 +481,7 @@ class Sampler:
 
     def _request(self, images, prompts, num_frames, height, width, image_guidance, text_guidance, steps, sampler,
                  seed, eta, first_frame_replacement, negative_prompt=None, quiet: bool = False,
-                 motion_strength=None) -> _Request:
+                 motion_strength=None, last_images=None, seamless_loop=None, loop_images=None) -> _Request:
         o = self.options
         f0, h0, w0 = self.default_size()
         num_frames = inputs.check_positive_int("num_frames", f0 if num_frames is None else num_frames, "num_frames")
@@ -503,6 +528,9 @@ class Sampler:
             log.info("image_guidance has no effect on a text-to-video model (no image branch)")
         seeds = inputs.seeds_for(int(o.seed) if seed is None else seed, b)
         _, padded = self._mesh_for(b)
+        last_u8, last_given = self._last_frames(
+            last_images, bool(o.seamless_loop if seamless_loop is None else seamless_loop),
+            images_u8 if loop_images is None else loop_images, replace, b, padded, height, width)
         return _Request(
             batch=b, padded=padded,
             images=np.concatenate([images_u8, np.repeat(images_u8[-1:], padded - b, 0)]),
@@ -511,7 +539,42 @@ class Sampler:
             text_scale=np.asarray(_pad(text_scale, padded), np.float32),
             num_frames=num_frames, height=height, width=width, steps=steps, sampler=sampler, eta=eta,
             replace=replace, negative_prompt=negative, motion_strength=strength,
+            last_images=last_u8, last_given=last_given,
         )  # fmt: skip
+
+    def _last_frames(self, last_images, loop: bool, loop_images, replace: bool, b: int, padded: int, height: int,
+                     width: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The last frames of a request, uint8 ``(P, H, W, 3)`` (zeros where not given) and which are given
+        ``(P,)``; ``(None, None)`` when none is."""
+        if loop and last_images is not None:
+            raise inputs.InputError("seamless_loop", True, "a loop ends on the reference image itself; give either "
+                                    "a last image or the seamless loop, not both")
+        if last_images is None and not loop:
+            return None, None
+        if not (self.system.last_frame or replace):
+            what = "seamless_loop" if loop else "last_image"
+            raise inputs.InputError(what, True if loop else "(given)", "this model was not trained with a last "
+                                    "frame (model.retention.last_frame is False); sample with "
+                                    "--config.sample.first_frame_replacement=true to pin the last frame instead")
+        if loop:
+            u8 = np.asarray(loop_images)[:b]
+            given = np.ones((b,), bool)
+        else:
+            items = list(last_images) if isinstance(last_images, (list, tuple)) else None
+            if items is not None and len(items) not in (1, b):
+                raise inputs.InputError("last_image", f"{len(items)} images", f"expected 1 or {b} (one per sample)")
+            if items is not None and len(items) == b and any(im is None for im in items):
+                given = np.asarray([im is not None for im in items])
+                blank = np.zeros((height, width, 3), np.uint8)
+                u8 = inputs.as_uint8_images([blank if im is None else im for im in items], height, width, batch=b)
+            else:
+                one = items[0] if items is not None and len(items) == 1 else last_images
+                u8 = inputs.as_uint8_images(one if items is None or len(items) == 1 else items, height, width,
+                                            batch=b)
+                given = np.ones((b,), bool)
+        u8 = np.where(given[:, None, None, None], u8, 0).astype(np.uint8)
+        return (np.concatenate([u8, np.repeat(u8[-1:], padded - b, 0)]),
+                np.concatenate([given, np.repeat(given[-1:], padded - b, 0)]))
 
     # ----------------------------------------------------------------------------------------------------------
     # Devices
@@ -595,11 +658,15 @@ class Sampler:
         or abstract values for :meth:`lower`); the other arguments are device values or abstract ones alike."""
         bs = self._batch_sharding(mesh)
         rep = NamedSharding(mesh, P())
-        x_t, model_image, latent, noise, keys = prepared
+        x_t, model_image, latent, noise, last_latent, last_noise, keys = prepared
         cond = samplers.Conditioning(context, null, model_image)
         knobs = samplers.Knobs(place(req.image_scale, bs), place(req.text_scale, bs), place(np.float32(req.eta), rep),
                                keys)
-        ref = samplers.Reference(latent, noise, place(np.full((req.padded,), req.replace), bs))
+        # Replacement pins the given last frames too (always passed, so requests with and without a last frame
+        # run the same compiled step).
+        given = np.zeros((req.padded,), bool) if req.last_given is None else np.asarray(req.last_given)
+        ref = samplers.Reference(latent, noise, place(np.full((req.padded,), req.replace), bs), last_latent,
+                                 last_noise, place(given & req.replace, bs))
         state = samplers.SamplerState(x_t, place(np.zeros(x_t.shape, np.float32), bs))
         o = self.options
         rows = samplers.sampling_plan(self._timesteps(req), bool(o.set_alpha_to_one)).rows()
@@ -636,6 +703,9 @@ class Sampler:
             scales = np.asarray([np.asarray(sch.sqrt_alphas_cumprod)[t0],
                                  np.asarray(sch.sqrt_one_minus_alphas_cumprod)[t0]], np.float32)
             args += (place(scales, NamedSharding(mesh, P())),)
+        if req.last_images is not None:
+            args = args if from_still else args + (None,)
+            args += (place(req.last_images, bs), place(np.asarray(req.last_given), bs))
         return args, dict(shape=shape, need_latent=need_latent, from_still=from_still, out_sharding=bs)
 
     def _sample(self, req: _Request, stage: int, progress: bool) -> jax.Array:
@@ -699,10 +769,11 @@ class Sampler:
         Args:
             batch: samples per call.
             mesh: devices to lay the batch over (default: the sampler's mesh, else its automatic choice).
-            **kwargs: ``num_frames, height, width, steps, sampler, first_frame_replacement, motion_strength``
-                as for :meth:`sample_latents`.
+            **kwargs: ``num_frames, height, width, steps, sampler, first_frame_replacement, motion_strength,
+                seamless_loop`` as for :meth:`sample_latents`.
         """
-        known = {"num_frames", "height", "width", "steps", "sampler", "first_frame_replacement", "motion_strength"}
+        known = {"num_frames", "height", "width", "steps", "sampler", "first_frame_replacement", "motion_strength",
+                 "seamless_loop"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"Sampler.lower: unknown arguments {unknown}; known: {sorted(known)}")
@@ -714,7 +785,8 @@ class Sampler:
             req = self._request(images, [""] * batch, kwargs.get("num_frames"), kwargs.get("height"),
                                 kwargs.get("width"), None, None, kwargs.get("steps"), kwargs.get("sampler"), None,
                                 None, kwargs.get("first_frame_replacement"), quiet=True,
-                                motion_strength=kwargs.get("motion_strength"))
+                                motion_strength=kwargs.get("motion_strength"),
+                                seamless_loop=kwargs.get("seamless_loop"))
             mesh, _ = self._mesh_for(req.batch)
         finally:
             self._mesh = saved

@@ -46,6 +46,7 @@ class Options:
 
     output: str | None = None
     image: str | None = None
+    last_image: str | None = None  # the video's last frame (first+last-frame video)
     prompt: str = ""
     prompt2: str | None = None
     prompts_file: str | None = None
@@ -225,16 +226,37 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
     reqs = _requests(opts, int(s.stages))
 
     # Images (read and fitted before any weights are loaded).
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def image(path: str, name: str) -> np.ndarray:
+        if (path, name) not in cache:
+            cache[path, name] = inputs.read_image(path, name)
+        return cache[path, name]
+
     for r in reqs:
         path = r.get("image", opts.image)
-        if path:
-            if path not in cache:
-                cache[path] = inputs.load_image(path, height, width)
-            r["image_u8"] = cache[path]
-        else:
-            r["image_u8"] = None
+        r["image_u8"] = inputs.fit_image(image(path, "image"), height, width, what=path) if path else None
+        last = r.get("last_image", opts.last_image)
+        r["last_u8"] = None
+        if last:
+            if s.seamless_loop:
+                raise inputs.InputError("last_image", last, "a seamless loop (--config.sample.seamless_loop) ends "
+                                        "on the reference image itself; give either --last_image or the loop")
+            if not path:
+                raise inputs.InputError("last_image", last, "needs a reference image (--image) to start from")
+            ref, last_px = image(path, "image"), image(last, "last_image")
+            if last_px.shape != ref.shape:
+                raise inputs.InputError("last_image", last, f"is {last_px.shape[1]}x{last_px.shape[0]} but the "
+                                        f"reference image {path} is {ref.shape[1]}x{ref.shape[0]}: the two keyframes "
+                                        "must have the same size")
+            r["last_u8"] = inputs.fit_image(last_px, height, width, what=last)
 
+    if (s.seamless_loop or any(r["last_u8"] is not None for r in reqs)) and not (
+            s.first_frame_replacement or config.model.retention.get("last_frame", False)):
+        name, value = ("config.sample.seamless_loop", True) if s.seamless_loop else ("last_image", opts.last_image)
+        raise inputs.InputError(name, value, "these weights were not trained with a last frame "
+                                "(model.retention.last_frame is False); add --config.sample.first_frame_replacement"
+                                "=true to pin the last frame instead")
     paths = _output_paths(opts.output, len(reqs))
     latent_paths = _output_paths(opts.save_latents, len(reqs)) if opts.save_latents else None
     written = [("output", q) for p in paths for q in (p, os.path.splitext(p)[0] + ".png",
@@ -242,6 +264,7 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
     written += [("save_latents", p) for p in latent_paths or ()]
     read = [("image", r["image"] if r.get("image") else opts.image) for r in reqs] + [("prompts_file",
                                                                                        opts.prompts_file)]
+    read += [("last_image", r.get("last_image", opts.last_image)) for r in reqs]
     inputs.check_not_inputs(written, read)
 
     # Adapters (files read before the weights; checked against the model when the sampler is built).
@@ -291,6 +314,9 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
             if any(r["image_u8"] is not None for r in chunk):
                 images = np.stack([r["image_u8"] if r["image_u8"] is not None else np.zeros((height, width, 3),
                                                                                            np.uint8) for r in chunk])
+            last_images = None
+            if any(r["last_u8"] is not None for r in chunk):
+                last_images = [r["last_u8"] for r in chunk]
             prompts = [[r["prompts"][k] for r in chunk] for k in range(n_stages)]
             saved: dict[int, list[np.ndarray]] = {}
 
@@ -308,7 +334,7 @@ def run(opts: Options, config=None, *, mesh=None, echo: Callable[[str], None] = 
                 image_guidance=[r.get("image_guidance", s.image_guidance) for r in chunk],
                 text_guidance=[r.get("text_guidance", s.text_guidance) for r in chunk],
                 num_frames=num_frames, height=height, width=width, progress=opts.progress,
-                drop_repeated_frame=bool(s.drop_repeated_frame), on_stage=on_stage,
+                drop_repeated_frame=bool(s.drop_repeated_frame), on_stage=on_stage, last_images=last_images,
             )  # fmt: skip
             for f in dataclasses.fields(Timings):
                 setattr(total, f.name, getattr(total, f.name) + getattr(sampler.timings, f.name))
@@ -337,13 +363,20 @@ def _write(path: str, r: dict, j: int, result, config, loaded, sampler, opts: Op
         "text_guidance": float(r.get("text_guidance", s.text_guidance)), "steps": int(s.steps),
         "sampler": s.sampler, "eta": float(s.eta), "first_frame_replacement": bool(s.first_frame_replacement),
         "motion_strength": float(s.motion_strength),
+        "last_image": r.get("last_image", opts.last_image), "seamless_loop": bool(s.seamless_loop),
         "negative_prompt": s.negative_prompt,
         "mode": sampler.mode, "weights": loaded.source, "prediction_type": sampler.prediction_type,
         "drift": sample_drift, "timings_of_batch": sampler.timings.as_dict(),
     }  # fmt: skip
+    target = r["last_u8"] if r.get("last_u8") is not None else (result.references[j, 0] if s.seamless_loop else None)
+    if target is not None:
+        meta["last_frame_ssim"] = drift.last_frame_ssim(video, target)
     with open(stem + ".json", "w") as f:
         json.dump(meta, f, indent=2)
     echo(f"wrote {path} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}) and {sheet}")
     if len(stages) > 1:
         echo(drift.format_drift(result.drift, j))
+    if target is not None:
+        echo(f"last frame vs the {'given last frame' if r.get('last_u8') is not None else 'reference (loop)'}: "
+             f"SSIM {meta['last_frame_ssim']:.3f}; loop seam {sample_drift['loop_seam']:.2f}")
     return meta

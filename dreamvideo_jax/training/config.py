@@ -50,6 +50,9 @@ def train_defaults() -> ml_collections.ConfigDict:
         timestep_high_fraction=0.0,
         timestep_high_start=900,
         condition_dropout=0.05,  # p of each case: text only / both / image only dropped (t2v: text dropped w.p. 2p)
+        # Keyframes a training clip is conditioned on, relative weights: 'first' (the reference image) or
+        # 'first_last' (also the clip's last frame; needs model.retention.last_frame).
+        condition_modes=ml_collections.ConfigDict(dict(first=1.0, first_last=0.0)),
         vae_sample=True,  # encode frames by sampling the VAE posterior (False: its mean)
         timestep_buckets=10,  # loss is also logged per timestep bucket
         nonfinite="stop",  # non-finite loss or gradients: 'stop' (error naming the step) | 'skip' (drop the update)
@@ -97,6 +100,7 @@ def check_config(config) -> None:
         raise ValueError(f"train.condition_dropout={t.condition_dropout} must be in [0, 1/3]")
     if not 0.0 <= float(t.timestep_high_fraction) <= 1.0:
         raise ValueError(f"train.timestep_high_fraction={t.timestep_high_fraction} must be in [0, 1]")
+    last_frame_probability(config)
     unknown = sorted(set(t) - set(train_defaults()))
     if unknown:
         raise ValueError(f"train: unknown config keys {unknown}; known keys are {sorted(train_defaults())}")
@@ -117,11 +121,53 @@ def check_config(config) -> None:
         if t.mode == "dreamvideo" and not any(re.search(p, gate) for p in system_lib.trainable_patterns(config)):
             raise ValueError(f"model.retention.reference_skip=True, but no train.trainable pattern matches its gate "
                              f"{gate!r}: it would stay zero (add r'^{gate.split('/')[0]}/')")
+    if last_frame_probability(config) > 0 and t.mode == "dreamvideo":
+        probe = system_lib.LAST_FRAME_GROUP + "/conv_out/kernel"
+        if not any(re.search(p, probe) for p in system_lib.trainable_patterns(config)):
+            raise ValueError(f"train.condition_modes.first_last > 0, but no train.trainable pattern matches the "
+                             f"last-frame encoder {probe!r}: it would stay zero (add "
+                             f"r'{system_lib.LAST_FRAME_TRAINABLE}')")
     if "data" in config:
         d = config.data
         for key in ("num_frames", "height", "width"):
             if key in d and key in config and int(d[key]) != int(config[key]):
                 raise ValueError(f"data.{key}={d[key]} differs from {key}={config[key]} (the model's clip size)")
+
+
+CONDITION_MODES = ("first", "first_last")
+
+
+def last_frame_probability(config) -> float:
+    """The share of training clips conditioned on their last frame too (`train.condition_modes`, normalised).
+
+    Raises:
+        ValueError: an unknown mode, a negative weight, all weights zero, or 'first_last' without
+            `model.retention.last_frame`.
+    """
+    modes = config.train.get("condition_modes")
+    if modes is None:
+        return 0.0
+    modes = dict(modes)
+    unknown = sorted(set(modes) - set(CONDITION_MODES))
+    if unknown:
+        raise ValueError(f"train.condition_modes: unknown modes {unknown}; known modes are {list(CONDITION_MODES)}")
+    weights = {k: float(modes.get(k, 0.0)) for k in CONDITION_MODES}
+    for k, v in weights.items():
+        if not v >= 0.0:
+            raise ValueError(f"train.condition_modes.{k}={modes[k]} must be >= 0 (a relative weight)")
+    total = sum(weights.values())
+    if total <= 0.0:
+        raise ValueError(f"train.condition_modes: all weights are 0 ({weights}); give at least one > 0")
+    p = weights["first_last"] / total
+    if p > 0:
+        model = config.get("model")
+        if model is None or not model.retention.get("last_frame", False):
+            raise ValueError(f"train.condition_modes.first_last={modes['first_last']} conditions clips on their "
+                             "last frame: it needs model.retention.last_frame=True")
+        if config.train.mode != "dreamvideo":
+            raise ValueError("train.condition_modes.first_last > 0 needs train.mode='dreamvideo' (the retention "
+                             "branch takes the keyframes)")
+    return p
 
 
 def resolve_batch_size(config, divisor: int) -> int:

@@ -103,6 +103,9 @@ def check_source_model(stored: ml_collections.ConfigDict, config, what: str, sou
     if not source_has_branch and "retention" in config.model:
         # A source without retention parameters (t2v run, converted base): its branch settings cannot conflict.
         fake["model"]["retention"] = config_io.to_dict(config.model.retention)
+    elif "retention" in config.model and "retention" in fake["model"] and config.model.retention.get("last_frame"):
+        # A first-frame-only source: the new last-frame encoder starts at zero (it adds nothing yet).
+        fake["model"]["retention"] = {**fake["model"]["retention"], "last_frame": True}
     check_compatible(fake, config, what, objective=False)
 
 

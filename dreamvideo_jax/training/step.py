@@ -24,8 +24,11 @@ import optax
 from dreamvideo_jax.diffusion import objective, schedules
 from dreamvideo_jax.models.vae import encode_video
 from dreamvideo_jax.system import System
+from dreamvideo_jax.training import config as train_config
 from dreamvideo_jax.training.state import TrainState
 
+_LAST_FRAME_SALT = 0x1A57  # the draw of train.condition_modes: folded into the dropout key, so the other draws
+# of a step are the same with or without it
 MODEL_INPUT_KEYS = ("video", "latents", "tokens", "context", "image", "image_latent")
 
 
@@ -51,6 +54,7 @@ def make_loss_fn(system: System) -> Callable:
     image_input = system.image_input
     null_tokens = system.null_tokens()
     high_fraction, high_start = float(t.timestep_high_fraction), int(t.timestep_high_start)
+    p_last = train_config.last_frame_probability(system.config) if system.last_frame else 0.0
 
     def loss_fn(trainable, frozen, batch, key):
         batch = {k: _to_unit_range(v) if k in ("video", "image") else v for k, v in batch.items()}
@@ -87,6 +91,17 @@ def make_loss_fn(system: System) -> Callable:
             else:
                 image = batch["image"] if "image" in batch else batch["video"][:, 0]
             image = jax.lax.stop_gradient(image.astype(jnp.float32))
+            if system.last_frame:  # first+last-frame mode for a share of the clips (train.condition_modes)
+                if image_input == "latent":
+                    last = system.image_latent(frozen, batch["video"][:, -1]) if "video" in batch else x0[:, -1]
+                elif "video" in batch:
+                    last = batch["video"][:, -1]
+                else:
+                    raise ValueError("model.retention.last_frame with image_input='pixels' needs the clips' "
+                                     "frames (batch key 'video'), not only their latents")
+                last_given = objective.sample_last_frame_given(jax.random.fold_in(k_drop, _LAST_FRAME_SALT), b,
+                                                               p_last)
+                image = system.model_image(image, jax.lax.stop_gradient(last.astype(jnp.float32)), last_given)
             context, image, masks = objective.condition_dropout(k_drop, context, null_context, image, p_drop)
             image_dropped = masks.image_dropped
             pred = system.predict(system.combine(trainable, frozen), x_t, timesteps, context, image, train=True,
