@@ -1,5 +1,5 @@
 """Tiny stand-ins for what the commands read, shared by the tests: video files and folders (with captions.csv,
-or UCF-101's class layout), images, base checkpoints, and the environment of the CLI subprocesses."""
+or UCF-101's class layout), images, base checkpoints, the environment of the CLI subprocesses, and the sample command's options."""
 
 from __future__ import annotations
 
@@ -97,3 +97,17 @@ def cli_env(cache_dir, devices: int = 1) -> dict:
         TF_CPP_MIN_LOG_LEVEL="3",
     )
     return e
+
+
+def sample_options(default_steps: int, /, **kw):
+    """`sampling.runner.Options` from flag-like keywords: sampling knobs become `--config.sample.*` overrides
+    (`default_steps` sampling steps and no progress bar unless given)."""
+    import dataclasses
+
+    from dreamvideo_jax.sampling import runner
+
+    kw.setdefault("steps", default_steps)
+    kw.setdefault("progress", False)
+    fields = {f.name for f in dataclasses.fields(runner.Options)}
+    overrides = {f"sample.{k}": v for k, v in kw.items() if k not in fields}
+    return runner.Options(**{k: v for k, v in kw.items() if k in fields}, overrides=overrides)

@@ -3,7 +3,6 @@ checkpoint samples exactly as before), a sample without a last frame is computed
 the training mode draw follows `train.condition_modes`, keyframe replacement pins the last frame exactly, and the
 sample command's bad inputs are one-line errors."""
 
-import dataclasses
 import json
 
 import jax
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import stand_ins
 from configs import tiny
 from dreamvideo_jax.diffusion import objective
 from dreamvideo_jax.errors import InputError
@@ -159,11 +159,7 @@ def test_last_frame_model_samples_and_an_unused_input_changes_nothing():
 
 
 def _opts(**kw):
-    kw.setdefault("steps", STEPS)
-    kw.setdefault("progress", False)
-    fields = {f.name for f in dataclasses.fields(runner.Options)}
-    overrides = {f"sample.{k}": v for k, v in kw.items() if k not in fields}
-    return runner.Options(**{k: v for k, v in kw.items() if k in fields}, overrides=overrides)
+    return stand_ins.sample_options(STEPS, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """`python -m dreamvideo_jax.sample` on the tiny config: outputs that read back, batches from a prompts file,
 training workdirs (EMA / raw, latest / chosen step), converted base checkpoints, and one-line errors."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from PIL import Image
 
 import jax
 
+import stand_ins
 from configs import tiny
 from dreamvideo_jax.errors import InputError, UserError
 from dreamvideo_jax.sampling import runner
@@ -41,12 +41,7 @@ def image_path(tmp_path_factory):
 
 
 def _opts(**kw):
-    """runner.Options from flag-like keywords: sampling knobs become `--config.sample.*` overrides."""
-    kw.setdefault("steps", STEPS)
-    kw.setdefault("progress", False)
-    fields = {f.name for f in dataclasses.fields(runner.Options)}
-    overrides = {f"sample.{k}": v for k, v in kw.items() if k not in fields}
-    return runner.Options(**{k: v for k, v in kw.items() if k in fields}, overrides=overrides)
+    return stand_ins.sample_options(STEPS, **kw)
 
 
 def _quiet(*a, **k):

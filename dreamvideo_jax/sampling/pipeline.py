@@ -557,22 +557,16 @@ class Sampler:
                                     "frame (model.retention.last_frame is False); sample with "
                                     "--config.sample.first_frame_replacement=true to pin the last frame instead")
         if loop:
-            u8 = np.asarray(loop_images)[:b]
-            given = np.ones((b,), bool)
-        else:
-            items = list(last_images) if isinstance(last_images, (list, tuple)) else None
-            if items is not None and len(items) not in (1, b):
+            u8, given = np.asarray(loop_images)[:b], np.ones((b,), bool)
+        elif not isinstance(last_images, (list, tuple)):  # one image for every sample, or a batch array
+            u8, given = inputs.as_uint8_images(last_images, height, width, batch=b), np.ones((b,), bool)
+        else:  # a list: 1 or b images, None where a sample has no last frame (its channels stay zero)
+            items = list(last_images) * b if len(last_images) == 1 else list(last_images)
+            if len(items) != b:
                 raise inputs.InputError("last_image", f"{len(items)} images", f"expected 1 or {b} (one per sample)")
-            if items is not None and len(items) == b and any(im is None for im in items):
-                given = np.asarray([im is not None for im in items])
-                blank = np.zeros((height, width, 3), np.uint8)
-                u8 = inputs.as_uint8_images([blank if im is None else im for im in items], height, width, batch=b)
-            else:
-                one = items[0] if items is not None and len(items) == 1 else last_images
-                u8 = inputs.as_uint8_images(one if items is None or len(items) == 1 else items, height, width,
-                                            batch=b)
-                given = np.ones((b,), bool)
-        u8 = np.where(given[:, None, None, None], u8, 0).astype(np.uint8)
+            given = np.asarray([im is not None for im in items])
+            blank = np.zeros((height, width, 3), np.uint8)
+            u8 = inputs.as_uint8_images([blank if im is None else im for im in items], height, width, batch=b)
         return (np.concatenate([u8, np.repeat(u8[-1:], padded - b, 0)]),
                 np.concatenate([given, np.repeat(given[-1:], padded - b, 0)]))
 
